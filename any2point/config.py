@@ -1,0 +1,241 @@
+"""YAML configs with ``_base_`` inheritance, dotted command-line overrides and validation.
+
+A config file may name one or more base files (paths relative to the file) under ``_base_``; bases
+merge in order, then the file itself on top. Overrides ``a.b=value`` replace existing keys; a new key
+must be spelt ``+a.b=value``. Every key is checked when the config is loaded: the top-level sections
+against :data:`SCHEMA`, and every mapping with a ``type:`` against the signature of the registered
+class it names. Errors name the key and the file that set it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from any2point.registry import (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, ConfigError,
+                                Registry, check_kwargs)
+
+CLI = "the command line"
+
+
+@dataclass
+class ExperimentConfig:
+    """Where outputs go and how randomness is controlled."""
+
+    name: str = "default"
+    output_dir: str = "experiments"
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. ``protocol: honest`` selects the best epoch on a validation split held out
+    from the training set; ``protocol: paper`` trains on the whole training set and selects on the
+    test split, as the official code did."""
+
+    epochs: int = 300
+    batch_size: int = 32
+    test_batch_size: Optional[int] = None
+    grad_clip: Optional[float] = 10.0
+    num_workers: int = 4
+    protocol: str = "honest"
+    amp: bool = True
+    eval_every: int = 1
+    label_smoothing: float = 0.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("honest", "paper"):
+            raise ConfigError(f"train.protocol must be 'honest' or 'paper', got '{self.protocol}'")
+
+
+@dataclass
+class Config:
+    """The top-level schema. ``model``, ``dataset``, ``optimizer`` and ``scheduler`` are ``type:``
+    mappings checked against their registries."""
+
+    model: Any = None
+    dataset: Any = None
+    optimizer: Any = field(default_factory=lambda: {"type": "AdamW", "lr": 5e-4, "weight_decay": 0.05})
+    scheduler: Any = field(default_factory=lambda: {"type": "CosineWarmup"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+SCHEMA = Config
+REQUIRED = ("model", "dataset")
+SECTION_REGISTRY: dict[str, Registry] = {"model": MODELS, "dataset": DATASETS, "optimizer": OPTIMIZERS,
+                                          "scheduler": SCHEDULERS}
+
+
+def origin_of(node: DictConfig, key: str) -> Optional[str]:
+    """The file (or the command line) that set ``key`` of ``node``, if recorded."""
+    root = node._get_root()
+    provenance = getattr(root._metadata, "provenance", None) or {}
+    full = node._get_full_key(key)
+    while full:
+        if full in provenance:
+            return provenance[full]
+        full = full.rpartition(".")[0]
+    return None
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        if not tree and prefix:
+            return [prefix]
+        out = []
+        for k, v in tree.items():
+            out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [prefix]
+
+
+def _read_tree(path: Path, provenance: dict[str, str], stack: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` and its bases into one plain dict; record each leaf key's file in ``provenance``."""
+    path = path.resolve()
+    if path in stack:
+        raise ConfigError(f"circular _base_ chain: {' -> '.join(str(p) for p in stack + (path,))}")
+    if not path.is_file():
+        where = f" (named in _base_ of {stack[-1]})" if stack else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping at top level")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged = OmegaConf.create({})
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_tree(path.parent / base, provenance, stack + (path,)))
+    # A mapping with a new `type:` replaces the base's mapping instead of merging into it, so a
+    # child config that swaps a component does not inherit the old component's arguments.
+    _drop_retyped(merged, data)
+    merged = OmegaConf.merge(merged, data)
+    for key in _leaves(data):
+        provenance[key] = str(path)
+    return OmegaConf.to_container(merged)
+
+
+def _drop_retyped(base: DictConfig, child: dict) -> None:
+    for key, value in child.items():
+        if not isinstance(value, dict) or key not in base or not isinstance(base[key], DictConfig):
+            continue
+        if "type" in value and base[key].get("type") != value["type"]:
+            del base[key]
+        else:
+            _drop_retyped(base[key], value)
+
+
+def _apply_override(cfg: DictConfig, item: str, provenance: dict[str, str]) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, _, raw = item.partition("=")
+    add = key.startswith("+")
+    key = key.lstrip("+").strip()
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not add and (not isinstance(parent, DictConfig) or leaf not in parent):
+        raise ConfigError(f"override of unknown key '{key}' from {CLI}; write '+{key}=...' to add a new key")
+    OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    for sub in _leaves(value, key) if isinstance(value, dict) else [key]:
+        provenance[sub] = CLI
+
+
+def _validate_dataclass(node: Any, schema: type, prefix: str, root: DictConfig) -> None:
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"'{prefix}' must be a mapping{_origin(root, prefix)}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}.{key}'{_origin(root, f'{prefix}.{key}')}; "
+                              f"allowed keys: {', '.join(fields)}")
+    check_kwargs(schema, OmegaConf.to_container(node), f"section '{prefix}'", node)
+    schema(**OmegaConf.to_container(node))
+
+
+def _origin(root: DictConfig, full_key: str) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    node = OmegaConf.select(root, parent) if parent else root
+    origin = origin_of(node, leaf) if isinstance(node, DictConfig) else None
+    return f" (set in {origin})" if origin else ""
+
+
+def _registry_for(type_name: str) -> Optional[Registry]:
+    hits = [r for r in (MODELS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULERS) if type_name in r]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _validate_typed(node: Any, path: str, registry: Optional[Registry]) -> None:
+    """Check every ``type:`` mapping under ``node`` against its registered signature."""
+    if isinstance(node, DictConfig):
+        if "type" in node:
+            reg = registry or _registry_for(node["type"])
+            if reg is not None:
+                target = reg.get(node["type"])
+                kwargs = {k: v for k, v in node.items() if k != "type"}
+                check_kwargs(target, kwargs, f"{reg.kind} '{node['type']}' at '{path}'", node,
+                             injected=getattr(target, "injected_args", ()))
+        for key, value in node.items():
+            _validate_typed(value, f"{path}.{key}", None)
+    elif isinstance(node, ListConfig):
+        for i, value in enumerate(node):
+            _validate_typed(value, f"{path}[{i}]", None)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` on unknown keys, wrong types or missing required sections."""
+    import any2point.datasets  # noqa: F401  (populate the registries)
+    import any2point.engine  # noqa: F401
+    import any2point.models  # noqa: F401
+
+    allowed = {f.name for f in dataclasses.fields(SCHEMA)}
+    for key in cfg:
+        if key not in allowed:
+            raise ConfigError(f"unknown top-level key '{key}'{_origin(cfg, str(key))}; allowed keys: "
+                              f"{', '.join(sorted(allowed))}")
+    for key in REQUIRED:
+        if cfg.get(key) is None:
+            raise ConfigError(f"missing required key '{key}'")
+    _validate_dataclass(cfg.train, TrainConfig, "train", cfg)
+    _validate_dataclass(cfg.experiment, ExperimentConfig, "experiment", cfg)
+    for section, registry in SECTION_REGISTRY.items():
+        node = cfg[section]
+        if not isinstance(node, DictConfig) or "type" not in node:
+            raise ConfigError(f"'{section}' needs a 'type' key{_origin(cfg, section)}; registered: "
+                              f"{', '.join(registry.names())}")
+        _validate_typed(node, section, registry)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load ``path`` with its bases, apply ``overrides`` (``key=value``) and validate the result."""
+    provenance: dict[str, str] = {}
+    defaults = OmegaConf.structured(SCHEMA)
+    tree = _read_tree(Path(path), provenance)
+    cfg = OmegaConf.merge(OmegaConf.to_container(defaults), tree)
+    _drop_retyped_defaults(cfg, tree)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    cfg._metadata.provenance = provenance
+    for item in overrides:
+        _apply_override(cfg, item, provenance)
+    validate(cfg)
+    return cfg
+
+
+def _drop_retyped_defaults(cfg: DictConfig, tree: dict) -> None:
+    """A file's ``optimizer``/``scheduler`` with another ``type`` replaces the default one whole."""
+    for section in ("optimizer", "scheduler"):
+        if isinstance(tree.get(section), dict):
+            cfg[section] = tree[section]
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)

@@ -1,0 +1,112 @@
+"""The dataset contract shared by every point-cloud dataset.
+
+An item is ``dict(points=FloatTensor (N, 3), label=int)``. Datasets expose the splits
+``train`` / ``val`` / ``test`` and ``trainval`` (= train + val, the whole official training set):
+``val`` is held out from the training set so model selection never sees the test split.
+
+Augmentation randomness is a pure function of ``(seed, epoch, index)``: every item draws from its
+own ``numpy.random.Generator``, so results do not depend on the number of loader workers or on the
+order in which items are fetched, and a resumed run sees exactly the augmentations of a straight run.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from any2point.registry import TRANSFORMS, ConfigError, build_from_cfg
+
+SPLITS = ("train", "val", "trainval", "test")
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+class Compose:
+    """Apply transforms in order; each maps ``(points (N, 3+), rng) -> points``."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        for t in self.transforms:
+            points = t(points, rng)
+        return points
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms})"
+
+
+def build_transforms(cfgs: Optional[Sequence[Any]]) -> Compose:
+    """Build a :class:`Compose` from a list of ``type:`` mappings of the transform registry."""
+    return Compose([build_from_cfg(c, TRANSFORMS) for c in (cfgs or [])])
+
+
+def split_kind(split: str) -> str:
+    """Which transform list a split uses: ``train`` for train/trainval, ``test`` for val/test."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
+    return "train" if split in ("train", "trainval") else "test"
+
+
+class PointDataset(Dataset):
+    """Base class. Subclasses implement :meth:`__len__`, :meth:`get_raw` and set ``class_names``.
+
+    Args:
+        split: one of ``train``, ``val``, ``trainval``, ``test``.
+        transforms: ``{"train": [...], "test": [...]}`` lists of transform configs.
+        seed: base seed of the per-item augmentation generators.
+    """
+
+    class_names: list[str] = []
+
+    def __init__(self, split: str, transforms: Optional[dict] = None, seed: int = 0) -> None:
+        transforms = transforms or {}
+        unknown = set(transforms) - {"train", "test"}
+        if unknown:
+            raise ConfigError(f"dataset.transforms has unknown keys {sorted(unknown)}; use 'train' and 'test'")
+        self.split = split
+        self.seed = seed
+        self.epoch = 0
+        self.transform = build_transforms(transforms.get(split_kind(split)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (called by the trainer before each epoch)."""
+        self.epoch = epoch
+
+    def get_raw(self, index: int) -> tuple[np.ndarray, int]:
+        """Return the untransformed ``(points (N, 3+) float32, label)`` of item ``index``."""
+        raise NotImplementedError
+
+    def labels(self) -> np.ndarray:
+        """All labels of the split, in order (used for per-class counts and stratified splits)."""
+        return np.array([self.get_raw(i)[1] for i in range(len(self))], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        points, label = self.get_raw(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        points = self.transform(points, rng)
+        return {"points": torch.from_numpy(np.ascontiguousarray(points[:, :3], dtype=np.float32)),
+                "label": int(label)}
+
+
+def holdout_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of a training set into (train, val) index arrays, deterministic in ``seed``.
+
+    Every class with at least two samples gives ``max(1, round(fraction * count))`` samples to val.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = 0 if fraction == 0 or len(idx) < 2 else max(1, int(round(fraction * len(idx))))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -1,0 +1,143 @@
+"""Registries: every buildable piece (model, dataset, transform, optimizer, scheduler) is named by
+`type:` in a config and built by :func:`build_from_cfg`.
+
+A registered class's ``__init__`` signature is its config schema: keys that are not parameters are
+rejected, required parameters must be present, and annotated ``int``/``float``/``bool``/``str``
+parameters are type-checked, so a misspelt key fails at build time with the key's name.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid: an unknown key, a wrong type, or a missing required value."""
+
+
+class Registry:
+    """A name -> class (or factory function) table for one kind of buildable object."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, Callable[..., Any]] = {}
+
+    def register(self, obj: Callable[..., Any] | None = None, *, name: str | None = None):
+        """Register ``obj`` under ``name`` (default: its ``__name__``); usable as a decorator."""
+
+        def _add(target: Callable[..., Any]) -> Callable[..., Any]:
+            key = name or target.__name__
+            if key in self._items and self._items[key] is not target:
+                raise KeyError(f"{self.kind} '{key}' is already registered by {self._items[key]!r}")
+            self._items[key] = target
+            return target
+
+        return _add if obj is None else _add(obj)
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._items:
+            known = ", ".join(sorted(self._items)) or "(none)"
+            raise ConfigError(f"unknown {self.kind} type '{name}'; registered {self.kind} types: {known}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+MODELS = Registry("model")
+DATASETS = Registry("dataset")
+TRANSFORMS = Registry("transform")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _where(cfg: Any, key: str) -> str:
+    """' (set in FILE)' for a key of a loaded config, where the loader recorded its file."""
+    if not isinstance(cfg, DictConfig):
+        return ""
+    from any2point.config import origin_of
+
+    origin = origin_of(cfg, key)
+    return f" (set in {origin})" if origin else ""
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    """True when ``value`` fits a simple annotation; anything complex is accepted."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        return any(_check_type(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    if origin in (dict, Mapping) or annotation is dict:
+        return isinstance(value, (dict, DictConfig))
+    if typing.get_origin(annotation) is typing.Literal:
+        return value in typing.get_args(annotation)
+    return True
+
+
+def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], what: str,
+                 cfg: Any = None, injected: tuple[str, ...] = ()) -> None:
+    """Validate config keys against ``target``'s signature; raise :class:`ConfigError` naming the key."""
+    sig = inspect.signature(target)
+    params = sig.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolved forward references: fall back to no type checks
+        hints = {}
+    for key, value in kwargs.items():
+        if key not in params:
+            allowed = ", ".join(k for k in params if k not in injected and k != "self")
+            raise ConfigError(f"unknown key '{key}' for {what}{_where(cfg, key)}; allowed keys: {allowed}")
+        annotation = hints.get(key, params[key].annotation)
+        if not _check_type(_to_plain(value), annotation):
+            raise ConfigError(
+                f"wrong type for key '{key}' of {what}{_where(cfg, key)}: got {type(value).__name__} "
+                f"{value!r}, expected {getattr(annotation, '__name__', annotation)}")
+    for name, p in params.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name == "self" or name in injected:
+            continue
+        if p.default is inspect.Parameter.empty and name not in kwargs:
+            raise ConfigError(f"missing required key '{name}' for {what}")
+
+
+def build_from_cfg(cfg: Mapping[str, Any] | DictConfig, registry: Registry, **default_args: Any) -> Any:
+    """Build ``registry[cfg.type](**rest_of_cfg, **default_args)`` after validating the keys.
+
+    ``default_args`` are supplied by the caller (e.g. ``split`` for datasets) and are not config keys.
+    Nested values are passed as plain Python containers.
+    """
+    if cfg is None or "type" not in cfg:
+        raise ConfigError(f"a {registry.kind} config needs a 'type' key; registered: {', '.join(registry.names())}")
+    target = registry.get(cfg["type"])
+    kwargs = {k: _to_plain(v) for k, v in cfg.items() if k != "type"}
+    what = f"{registry.kind} '{cfg['type']}'"
+    check_kwargs(target, kwargs, what, cfg, injected=tuple(default_args))
+    return target(**kwargs, **default_args)
