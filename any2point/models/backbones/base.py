@@ -1,0 +1,138 @@
+"""The SourceTransformer contract: what the Any2Point method needs from a frozen source model.
+
+Every source (CLIP text tower, DINOv2, ImageBind audio, any timm ViT or Hugging Face encoder) is
+wrapped so the method never knows which modality it runs on (DESIGN.md, "The SourceTransformer
+contract"). A wrapper exposes:
+
+- ``dim`` (C) and ``depth`` (number of blocks), ``blocks`` (an ``nn.ModuleList``);
+- its positional-embedding table as a **non-persistent buffer**: ``pos_embed_1d`` of shape (L, C)
+  for 1D (language) sources, or ``pos_embed_2d`` of shape (H, W, C) for 2D (vision / audio) sources,
+  with ``plane_size`` (height, width in pixels of the input plane that produced the grid) and
+  ``patch_size`` (pixels per patch, the side of one adapter cell);
+- ``cls_token`` (1, 1, C) and ``cls_pos_embed`` (1, 1, C) where the model has them (else ``None``);
+- ``norm``: the final normalisation layer;
+- :meth:`forward_block`: run block ``i`` with a hook on its FFN output, where the adapter sits;
+- :meth:`load_pretrained`: strict loading through a per-source key converter;
+- :meth:`identity`: the name and the sha256 of the weight file, stored in checkpoints.
+
+The wrapper is frozen on construction (``requires_grad_(False)``) and stays in eval mode whatever
+``train()`` is called with, so dropout inside the source never fires.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+FFNHook = Callable[[Tensor, Tensor], Tensor]
+"""``hook(x, f) -> x_new``: ``x`` is the residual stream entering the FFN's residual add (B, T, C),
+``f`` the FFN's output (B, T, C); the default (no adapter) is ``x + f``."""
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def missing_weights_error(path: str | Path, what: str, where: str) -> FileNotFoundError:
+    """The error raised when a pretrained weight file is absent: names the file and its source."""
+    return FileNotFoundError(
+        f"pretrained weights for {what} not found at '{path}'. Download them from {where} and put "
+        f"the file there (see ckpts/README.md), or set the source's `pretrained: null` to build it "
+        f"at random init.")
+
+
+def check_state_dict_keys(expected: set[str], got: set[str], what: str,
+                          allowed_missing: frozenset[str] = frozenset(),
+                          allowed_unexpected: frozenset[str] = frozenset()) -> None:
+    """Raise a ``KeyError`` naming every missing and unexpected key (strict loading)."""
+    missing = sorted(expected - got - allowed_missing)
+    unexpected = sorted(got - expected - allowed_unexpected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}"
+                         + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                         + (" ..." if len(unexpected) > 20 else ""))
+        raise KeyError(f"{what}: checkpoint does not match the model; " + "; ".join(parts))
+
+
+class SourceTransformer(nn.Module):
+    """Base class of all frozen sources; subclasses build their modules, then call :meth:`freeze`.
+
+    Attributes set by subclasses: ``dim``, ``depth``, ``blocks``, ``norm``, one of
+    ``pos_embed_1d`` / ``pos_embed_2d`` (registered with ``persistent=False``), ``plane_size`` and
+    ``patch_size`` for 2D sources, ``cls_token`` / ``cls_pos_embed`` or ``None``, ``name``.
+    """
+
+    dim: int
+    depth: int
+    blocks: nn.ModuleList
+    norm: nn.Module
+    name: str = "source"
+    plane_size: Optional[tuple[int, int]] = None
+    patch_size: Optional[int] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token: Optional[Tensor] = None
+        self.cls_pos_embed: Optional[Tensor] = None
+        self.weight_file: Optional[str] = None
+        self.weight_sha256: Optional[str] = None
+
+    @property
+    def modality_dim(self) -> int:
+        """1 for sources with a 1D table (language), 2 for a 2D table (vision, audio)."""
+        return 1 if getattr(self, "pos_embed_1d", None) is not None else 2
+
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
+        """Run block ``index`` on tokens ``x`` (B, T, C) -> (B, T, C), calling ``ffn_hook(x, f)``
+        in place of the FFN's residual add ``x + f``."""
+        raise NotImplementedError
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a weight file strictly (through the source's key converter) and record its hash."""
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        """Freeze every parameter and switch to eval mode; called at the end of ``__init__``."""
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "SourceTransformer":
+        """A frozen source always stays in eval mode (no dropout, fixed norms)."""
+        return super().train(False)
+
+    def record_weights(self, path: str | Path) -> None:
+        """Remember which file the weights came from, with its sha256 (for checkpoints)."""
+        self.weight_file = str(path)
+        self.weight_sha256 = sha256_of(path)
+
+    def identity(self) -> dict[str, Optional[str]]:
+        """The source's name and weight file hash, saved with checkpoints."""
+        return {"name": self.name, "weights": self.weight_file, "sha256": self.weight_sha256}
+
+    @staticmethod
+    def resolve_weights(path: Optional[str], what: str, where: str) -> Optional[Path]:
+        """``None`` for random init; otherwise the existing file, or a clear error naming it."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise missing_weights_error(p, what, where)
+        return p
+
+    def extra_repr(self) -> str:
+        table = ("pos_embed_1d", tuple(self.pos_embed_1d.shape)) if self.modality_dim == 1 else \
+            ("pos_embed_2d", tuple(self.pos_embed_2d.shape))
+        return f"name={self.name}, dim={self.dim}, depth={self.depth}, {table[0]}={table[1]}"
+
