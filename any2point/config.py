@@ -9,6 +9,7 @@ class it names. Errors name the key and the file that set it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,6 +21,25 @@ from any2point.registry import (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TRANSF
                                 Registry, check_kwargs)
 
 CLI = "the command line"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML loader that also reads ``1e-3`` (no dot, as people write learning rates) as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`_Loader`."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -105,7 +125,7 @@ def _read_tree(path: Path, provenance: dict[str, str], stack: tuple[Path, ...] =
         where = f" (named in _base_ of {stack[-1]})" if stack else ""
         raise ConfigError(f"config file not found: {path}{where}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = parse_yaml(f.read()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping at top level")
     bases = data.pop("_base_", [])
@@ -138,7 +158,7 @@ def _apply_override(cfg: DictConfig, item: str, provenance: dict[str, str]) -> N
     key, _, raw = item.partition("=")
     add = key.startswith("+")
     key = key.lstrip("+").strip()
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = parse_yaml(raw) if raw.strip() else None
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not add and (not isinstance(parent, DictConfig) or leaf not in parent):
@@ -229,10 +249,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def _drop_retyped_defaults(cfg: DictConfig, tree: dict) -> None:
-    """A file's ``optimizer``/``scheduler`` with another ``type`` replaces the default one whole."""
+    """A file's ``optimizer``/``scheduler`` of another ``type`` replaces the default one whole."""
+    defaults = Config()
     for section in ("optimizer", "scheduler"):
-        if isinstance(tree.get(section), dict):
-            cfg[section] = tree[section]
+        given = tree.get(section)
+        if isinstance(given, dict) and given.get("type", getattr(defaults, section)["type"]) != \
+                getattr(defaults, section)["type"]:
+            cfg[section] = given
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

@@ -7,7 +7,9 @@ parameters are type-checked, so a misspelt key fails at build time with the key'
 """
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -78,12 +80,14 @@ def _where(cfg: Any, key: str) -> str:
 
 
 def _check_type(value: Any, annotation: Any) -> bool:
-    """True when ``value`` fits a simple annotation; anything complex is accepted."""
+    """True when ``value`` fits a simple annotation; anything more complex is accepted."""
     if annotation is inspect.Parameter.empty or annotation is Any:
         return True
     origin = typing.get_origin(annotation)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin in (typing.Union, types.UnionType):
         return any(_check_type(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
     if annotation is type(None):
         return value is None
     if annotation is float:
@@ -92,12 +96,10 @@ def _check_type(value: Any, annotation: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation in (bool, str):
         return isinstance(value, annotation)
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple, ListConfig))
-    if origin in (dict, Mapping) or annotation is dict:
-        return isinstance(value, (dict, DictConfig))
-    if typing.get_origin(annotation) is typing.Literal:
-        return value in typing.get_args(annotation)
+    if annotation in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple))
+    if annotation is dict or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
     return True
 
 

@@ -1,0 +1,96 @@
+"""Optimizers and learning-rate schedules, built from config.
+
+Weight decay applies only to weight matrices/kernels: 1-D parameters (norm scales, biases, tokens
+with a single non-trivial dimension) get none, as in the paper's recipe (DESIGN.md, "Training").
+The schedule is stepped once per iteration.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from any2point.registry import OPTIMIZERS, SCHEDULERS, ConfigError, build_from_cfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the trainable parameters into a decayed group and a no-decay group (1-D and biases)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.squeeze().ndim <= 1 or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@OPTIMIZERS.register(name="AdamW")
+def adamw(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05,
+          betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, without weight decay on 1-D parameters and biases."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+
+
+@OPTIMIZERS.register(name="SGD")
+def sgd(model: nn.Module, lr: float = 0.1, weight_decay: float = 1e-4, momentum: float = 0.9,
+        nesterov: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum over the trainable parameters (same decay split as AdamW)."""
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+adamw.injected_args = sgd.injected_args = ("model",)
+
+
+def cosine_warmup_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float,
+                         min_lr: float, warmup_start_lr: float) -> float:
+    """lr(step) / base_lr: linear warm-up from ``warmup_start_lr``, then cosine down to ``min_lr``."""
+    if step < warmup_steps:
+        lr = warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+    else:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        lr = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    return lr / base_lr
+
+
+@SCHEDULERS.register(name="CosineWarmup")
+def cosine_warmup(optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int,
+                  warmup_epochs: int = 10, min_lr: float = 1e-6,
+                  warmup_start_lr: float = 1e-6) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration cosine schedule with linear warm-up (epochs are converted to iterations)."""
+    if warmup_epochs < 0 or warmup_epochs > epochs:
+        raise ConfigError(f"scheduler.warmup_epochs must be in [0, train.epochs={epochs}], got {warmup_epochs}")
+    total, warmup = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
+    lambdas = [
+        (lambda step, base=g["lr"]: cosine_warmup_factor(step, total, warmup, base, min_lr, warmup_start_lr))
+        for g in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+@SCHEDULERS.register(name="Constant")
+def constant(optimizer: torch.optim.Optimizer, epochs: int,
+             iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A constant learning rate (useful for debugging and tests)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+cosine_warmup.injected_args = constant.injected_args = ("optimizer", "epochs", "iters_per_epoch")
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    return build_from_cfg(cfg, OPTIMIZERS, model=model)
+
+
+def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, epochs: int,
+                    iters_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return build_from_cfg(cfg, SCHEDULERS, optimizer=optimizer, epochs=epochs, iters_per_epoch=iters_per_epoch)
+
+
+def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    return (p for p in model.parameters() if p.requires_grad)

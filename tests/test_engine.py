@@ -1,0 +1,208 @@
+"""Trainer, checkpoints, schedule, metrics, sampler, resume equivalence and the 2-process DDP run."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+import main as entry
+from any2point.config import load_config
+from any2point.engine import checkpoint
+from any2point.engine.distributed import EpochSampler
+from any2point.engine.metrics import Metrics, confusion_matrix
+from any2point.engine.optim import build_optimizer, build_scheduler
+from any2point.engine.trainer import BEST, LAST, Trainer, evaluate_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model": {"type": "PointNet", "num_classes": 4, "widths": [16, 32], "head_width": 16, "dropout": 0.0,
+              "norm": "none"},
+    "dataset": {"type": "SyntheticShapes", "num_points": 64, "train_size": 64, "val_size": 16, "test_size": 24,
+                "classes": ["sphere", "box", "cone", "torus"],
+                "transforms": {"train": [{"type": "RandomScale", "low": 0.8, "high": 1.2},
+                                         {"type": "Jitter", "sigma": 0.01, "clip": 0.02}]}},
+    "optimizer": {"type": "AdamW", "lr": 3e-3},
+    "scheduler": {"type": "CosineWarmup", "warmup_epochs": 1},
+    "train": {"epochs": 3, "batch_size": 16, "num_workers": 0, "grad_clip": 1.0},
+}
+
+
+def tiny_config(tmp_path: Path, name: str, **extra: dict) -> Path:
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    for key, value in extra.items():
+        data.setdefault(key, {}).update(value)
+    data["experiment"] = {"name": name, "output_dir": str(tmp_path / "exp"), **data.get("experiment", {})}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_equals_straight_run(tmp_path: Path) -> None:
+    dropout = {"model": {"dropout": 0.5, "norm": "batch"}}  # exercise RNG and BN state across the resume
+    straight = Trainer(load_config(tiny_config(tmp_path, "straight", **dropout)))
+    m_straight = straight.fit()
+    cfg = load_config(tiny_config(tmp_path, "resumed", **dropout))
+    assert Trainer(cfg).fit(stop_after=1) is None
+    assert checkpoint.load(tmp_path / "exp/resumed" / LAST)["epoch"] == 0
+    m_resumed = Trainer(cfg, resume=True).fit()
+    a = checkpoint.load(tmp_path / "exp/straight" / LAST)
+    b = checkpoint.load(tmp_path / "exp/resumed" / LAST)
+    assert states_equal(a["model"], b["model"])
+    assert (a["best_epoch"], a["best_oa"]) == (b["best_epoch"], b["best_oa"])
+    assert m_straight.oa == m_resumed.oa and m_straight.per_class == m_resumed.per_class
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_outputs_logs_and_test_mode(tmp_path: Path) -> None:
+    cfg_path = tiny_config(tmp_path, "run")
+    metrics = Trainer(load_config(cfg_path)).fit()
+    exp = tmp_path / "exp/run"
+    for name in (LAST, BEST, "config.yaml", "log.txt"):
+        assert (exp / name).is_file(), name
+    assert any((exp / "tb").iterdir())
+    log = (exp / "log.txt").read_text()
+    assert "protocol honest" in log and "epoch 3/3" in log and "test OA" in log
+    # the saved resolved config reloads to the same experiment
+    assert load_config(exp / "config.yaml").train.epochs == 3
+    # --test on the best checkpoint reproduces the final test metrics
+    again = evaluate_checkpoint(load_config(cfg_path), exp / BEST)
+    assert again.oa == metrics.oa and again.macc == metrics.macc
+    assert entry.main(["--test", "--ckpt", str(exp / BEST)]) == 0
+    # a second fresh run refuses to overwrite; --resume of a finished run trains nothing more
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(load_config(cfg_path))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(load_config(tiny_config(tmp_path, "fresh")), resume=True)
+
+
+def test_paper_protocol_selects_on_test(tmp_path: Path) -> None:
+    cfg = load_config(tiny_config(tmp_path, "paper", train={"protocol": "paper", "epochs": 1}))
+    trainer = Trainer(cfg)
+    assert trainer.train_set.split == "trainval" and trainer.select_loader.dataset.split == "test"
+    trainer.fit()
+    assert "protocol paper" in (tmp_path / "exp/paper/log.txt").read_text()
+
+
+def test_main_reports_misspelt_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tiny_config(tmp_path, "typo", train={"epochz": 3})
+    assert entry.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "epochz" in err and str(path) in err
+
+
+def test_num_classes_mismatch(tmp_path: Path) -> None:
+    cfg = load_config(tiny_config(tmp_path, "nc", model={"num_classes": 5}))
+    with pytest.raises(ValueError, match="num_classes=5"):
+        Trainer(cfg)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+    # SGD, not Adam: Adam's normalisation would amplify float summation-order noise in tiny gradients
+    sgd = {"optimizer": {"type": "SGD", "lr": 0.05, "weight_decay": 1e-4}, "train": {"epochs": 2}}
+    single = tiny_config(tmp_path, "single", **sgd)
+    double = tiny_config(tmp_path, "double", **sgd)
+    Trainer(load_config(single)).fit()
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), "--config",
+                           str(double)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = checkpoint.load(tmp_path / "exp/single" / LAST)
+    b = checkpoint.load(tmp_path / "exp/double" / LAST)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
+    assert len(b["rng"]) == 2
+    # evaluation is all-reduced: every test sample counted once, same accuracy
+    log = (tmp_path / "exp/double/log.txt").read_text()
+    assert "(n=24)" in log
+    single_log = (tmp_path / "exp/single/log.txt").read_text()
+    assert log.split("test OA")[1].split("(n=")[0] == single_log.split("test OA")[1].split("(n=")[0]
+
+
+def test_epoch_sampler_shards_reassemble_the_global_batch() -> None:
+    one = list(EpochSampler(50, True, seed=3))
+    ranks = [list(EpochSampler(50, True, seed=3, rank=r, world=2)) for r in range(2)]
+    batch = 8  # global batch; 4 per rank
+    for i in range(len(one) // batch):
+        shard = ranks[0][i * 4:(i + 1) * 4] + ranks[1][i * 4:(i + 1) * 4]
+        assert sorted(shard) == sorted(one[i * batch:(i + 1) * batch])
+    evals = [list(EpochSampler(11, False, rank=r, world=3)) for r in range(3)]
+    assert sorted(sum(evals, [])) == list(range(11))
+    s = EpochSampler(20, True, seed=1)
+    s.set_epoch(1)
+    first = list(s)
+    s.set_epoch(2)
+    assert list(s) != first and sorted(list(s)) == list(range(20))
+
+
+def test_metrics_against_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 5, 300)
+    target[target == 4] = 3  # class 4 absent: excluded from mAcc
+    pred = np.where(rng.random(300) < 0.6, target, rng.integers(0, 5, 300))
+    m = Metrics.from_confusion(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 5))
+    assert m.oa == pytest.approx(100 * np.mean(pred == target))
+    per = [100 * np.mean(pred[target == c] == c) for c in range(4)]
+    assert m.macc == pytest.approx(np.mean(per))
+    assert m.per_class[:4] == pytest.approx(per) and math.isnan(m.per_class[4])
+
+
+def test_optimizer_groups_and_schedule() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    model[2].requires_grad_(False)
+    opt = build_optimizer({"type": "AdamW", "lr": 1e-2, "weight_decay": 0.1}, model)
+    decay, no_decay = opt.param_groups
+    assert [p.shape for p in decay["params"]] == [torch.Size([8, 4])] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0  # bias, LN weight, LN bias
+    sched = build_scheduler({"type": "CosineWarmup", "warmup_epochs": 2, "min_lr": 1e-5, "warmup_start_lr": 1e-4},
+                            opt, epochs=10, iters_per_epoch=5)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[5] == pytest.approx(1e-4 + (1e-2 - 1e-4) * 5 / 10)     # linear warm-up, per iteration
+    assert lrs[10] == pytest.approx(1e-2)                               # peak after 2 epochs
+    assert lrs[30] == pytest.approx(1e-5 + 0.5 * (1e-2 - 1e-5) * (1 + math.cos(math.pi * 20 / 40)))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)             # cosine reaches min_lr at the end
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_checkpoint_keeps_only_trainable_and_reports_mismatch(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    state = checkpoint.trainable_state_dict(model)
+    assert not any(k.startswith("0.") for k in state)
+    assert "1.running_mean" in state and "2.weight" in state
+    checkpoint.save_atomic({"model": state}, tmp_path / "c.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]          # no temporary file left behind
+    other = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    other[0].requires_grad_(False)
+    checkpoint.load_trainable_state_dict(other, checkpoint.load(tmp_path / "c.pth")["model"], "c.pth")
+    assert torch.equal(other[2].weight, model[2].weight)
+    broken = dict(state)
+    broken.pop("2.bias")
+    broken["3.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"missing keys: 2\.bias.*unexpected keys: 3\.weight"):
+        checkpoint.load_trainable_state_dict(other, broken, "c.pth")
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        checkpoint.load(tmp_path / "nothere.pth")
