@@ -8,8 +8,11 @@ contract"). A wrapper exposes:
 - its positional-embedding table as a **non-persistent buffer**: ``pos_embed_1d`` of shape (L, C)
   for 1D (language) sources, or ``pos_embed_2d`` of shape (H, W, C) for 2D (vision / audio) sources,
   with ``plane_size`` (height, width in pixels of the input plane that produced the grid) and
-  ``patch_size`` (pixels per patch, the side of one adapter cell);
-- ``cls_token`` (1, 1, C) and ``cls_pos_embed`` (1, 1, C) where the model has them (else ``None``);
+  ``patch_size`` (pixels per patch of the source's own patchifier: one table cell covers
+  ``patch_size`` x ``patch_size`` pixels of the plane; the adapter's cell size is a setting of the
+  method, e.g. 26 px on DINOv2's 518 px plane);
+- ``cls_token`` (1, 1, C) and ``cls_pos_embed`` (1, 1, C) where the model has them (else ``None``),
+  also non-persistent buffers: the method copies them into its own trainable parameters;
 - ``norm``: the final normalisation layer;
 - :meth:`forward_block`: run block ``i`` with a hook on its FFN output, where the adapter sits;
 - :meth:`load_pretrained`: strict loading through a per-source key converter;
@@ -21,9 +24,11 @@ The wrapper is frozen on construction (``requires_grad_(False)``) and stays in e
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -66,6 +71,30 @@ def check_state_dict_keys(expected: set[str], got: set[str], what: str,
         raise KeyError(f"{what}: checkpoint does not match the model; " + "; ".join(parts))
 
 
+def check_state_dict_shapes(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], what: str) -> None:
+    """Raise a ``ValueError`` naming every key whose tensor shape differs from the model's."""
+    wrong = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in got and got[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{what}: checkpoint shapes do not match the model: " + "; ".join(wrong))
+
+
+def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
+    """The tensors of a ``torch.save`` weight file (loaded with ``weights_only=True``, on CPU).
+
+    Zip-format files are memory-mapped, so only the tensors a source copies are read (ImageBind's
+    file holds six encoders). A checkpoint that wraps its weights under ``"state_dict"`` (open_clip,
+    Lightning) is unwrapped; anything that is not a mapping of names to tensors is an error naming
+    the file.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{what}: '{path}' is not a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
 class SourceTransformer(nn.Module):
     """Base class of all frozen sources; subclasses build their modules, then call :meth:`freeze`.
 
@@ -84,8 +113,10 @@ class SourceTransformer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cls_token: Optional[Tensor] = None
-        self.cls_pos_embed: Optional[Tensor] = None
+        # Registered as empty buffers so a subclass sets them by plain assignment, e.g.
+        # ``self.cls_token = tensor``, and they follow ``.to(device)``.
+        self.register_buffer("cls_token", None, persistent=False)
+        self.register_buffer("cls_pos_embed", None, persistent=False)
         self.weight_file: Optional[str] = None
         self.weight_sha256: Optional[str] = None
 
@@ -102,6 +133,27 @@ class SourceTransformer(nn.Module):
     def load_pretrained(self, path: str | Path) -> None:
         """Load a weight file strictly (through the source's key converter) and record its hash."""
         raise NotImplementedError
+
+    def table_names(self) -> list[str]:
+        """Names of the non-persistent tables set (``pos_embed_1d``/``pos_embed_2d``, ``cls_*``)."""
+        return [name for name in ("pos_embed_1d", "pos_embed_2d", "cls_token", "cls_pos_embed")
+                if getattr(self, name, None) is not None]
+
+    @torch.no_grad()
+    def load_converted(self, state: Mapping[str, Tensor], what: str) -> None:
+        """Copy a converted checkpoint into the model, strictly.
+
+        ``state`` is keyed like ``self.state_dict()`` plus the table buffers of
+        :meth:`table_names`; every key must be present with the model's shape, and no other key may
+        appear (:func:`check_state_dict_keys`, :func:`check_state_dict_shapes`). Values are cast to
+        the model's dtype (e.g. OpenAI's fp16 weights into an fp32 model).
+        """
+        targets = dict(self.state_dict(keep_vars=True))
+        targets.update({name: getattr(self, name) for name in self.table_names()})
+        check_state_dict_keys(set(targets), set(state), what)
+        check_state_dict_shapes(targets, state, what)
+        for key, target in targets.items():
+            target.copy_(state[key])
 
     def freeze(self) -> None:
         """Freeze every parameter and switch to eval mode; called at the end of ``__init__``."""
