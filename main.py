@@ -13,6 +13,7 @@ import sys
 from omegaconf import OmegaConf
 
 from any2point.config import load_config, validate
+from any2point.datasets.io import DataError
 from any2point.engine import checkpoint, distributed
 from any2point.engine.trainer import Trainer, evaluate_checkpoint
 from any2point.registry import ConfigError
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(cfg, args.ckpt)
         else:
             Trainer(cfg, resume=args.resume).fit()
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
