@@ -1,0 +1,313 @@
+"""3D-to-any virtual projection (paper sec. 3, "3D-to-any virtual projection";
+DESIGN.md, "The method").
+
+Each 3D token centre is projected, without rendering anything, to M positions in the source's own
+positional-embedding table: M lines for a 1D (language) source, the six PointCLIP views for a 2D
+(vision / audio) source. The M embeddings sampled there are averaged and added to the token once.
+The same positions, cut into cells, guide the adapter's local attention.
+
+Geometry is pure functions on the centres normalised per sample to the unit sphere:
+
+- :func:`normalize_to_unit_sphere` ``(B, G, 3) -> (B, G, 3)``;
+- :func:`project_to_lines` ``(B, G, 3) -> (B, M, G)`` continuous rows in ``[0, L - 1]``, and
+  :func:`line_cells` ``-> (B, M, G)`` cell indices;
+- :func:`project_to_plane` ``(B, G, 3) -> (B, M, G, 2)`` pixel ``(row, col)`` on the virtual plane,
+  and :func:`plane_cells` ``-> (B, M, G)`` cell indices;
+- :func:`sample_table_1d` / :func:`sample_table_2d`: the interpolated embeddings ``(B, M, G, C)``.
+
+:class:`VirtualProjection` wires them to a source and offers the positional-embedding variants of
+the paper's Table 4: ``virtual`` (default), ``none``, ``sinusoidal`` and ``learnable``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from any2point.models.backbones.base import SourceTransformer
+from any2point.models.tokenizer import sincos_embedding
+from any2point.registry import MODELS, ConfigError
+
+PEKind = Literal["virtual", "none", "sinusoidal", "learnable"]
+LineKind = Literal["even", "pointclip_views"]
+
+#: Euler angles (x, y, z) of the six PointCLIP-V1 views.
+POINTCLIP_VIEW_ANGLES = (
+    (0.0, 0.0, math.pi / 2),
+    (math.pi / 2, 0.0, math.pi / 2),
+    (math.pi, 0.0, math.pi / 2),
+    (3 * math.pi / 2, 0.0, math.pi / 2),
+    (0.0, -math.pi / 2, math.pi / 2),
+    (0.0, math.pi / 2, math.pi / 2),
+)
+
+
+def normalize_to_unit_sphere(xyz: Tensor, eps: float = 1e-12) -> Tensor:
+    """Centre each sample at its mean and divide by its largest radius: ``(B, G, 3) -> (B, G, 3)``.
+
+    Makes the projection independent of the data's scale, so no view degenerates.
+    """
+    centred = xyz - xyz.mean(dim=1, keepdim=True)
+    radius = centred.norm(dim=-1).amax(dim=1).clamp_min(eps)
+    return centred / radius[:, None, None]
+
+
+def euler_to_matrix(angles: Tensor) -> Tensor:
+    """Rotation matrices ``R = Rx @ Ry @ Rz`` from Euler angles ``(M, 3) -> (M, 3, 3)``."""
+    x, y, z = angles.unbind(-1)
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    rz = torch.stack([z.cos(), -z.sin(), zero, z.sin(), z.cos(), zero, zero, zero, one], -1)
+    ry = torch.stack([y.cos(), zero, y.sin(), zero, one, zero, -y.sin(), zero, y.cos()], -1)
+    rx = torch.stack([one, zero, zero, zero, x.cos(), -x.sin(), zero, x.sin(), x.cos()], -1)
+    shape = angles.shape[:-1] + (3, 3)
+    return rx.reshape(shape) @ ry.reshape(shape) @ rz.reshape(shape)
+
+
+def pointclip_view_rotations(num_views: int = 6) -> Tensor:
+    """The first ``num_views`` PointCLIP-V1 view rotations ``(M, 3, 3)`` (float64)."""
+    if not 1 <= num_views <= len(POINTCLIP_VIEW_ANGLES):
+        raise ValueError(f"the PointCLIP views are 6; num_views must be in 1..6, got {num_views}")
+    angles = torch.tensor(POINTCLIP_VIEW_ANGLES[:num_views], dtype=torch.float64)
+    return euler_to_matrix(angles)
+
+
+def even_line_directions(num_lines: int) -> Tensor:
+    """``num_lines`` unit directions ``(M, 3)`` (float64) of lines spread evenly over the sphere.
+
+    Six lines are the diameters through the vertices of an icosahedron (all pairwise angles equal);
+    other counts use a Fibonacci lattice on the upper hemisphere.
+    """
+    if num_lines < 1:
+        raise ValueError(f"num_lines must be positive, got {num_lines}")
+    if num_lines == 6:
+        phi = (1 + math.sqrt(5)) / 2
+        dirs = torch.tensor([[0, 1, phi], [0, 1, -phi], [1, phi, 0], [1, -phi, 0], [phi, 0, 1],
+                             [-phi, 0, 1]], dtype=torch.float64)
+    else:
+        i = torch.arange(num_lines, dtype=torch.float64)
+        z = 1 - (i + 0.5) / num_lines
+        r = (1 - z ** 2).sqrt()
+        theta = i * math.pi * (3 - math.sqrt(5))
+        dirs = torch.stack([r * theta.cos(), r * theta.sin(), z], -1)
+    return dirs / dirs.norm(dim=-1, keepdim=True)
+
+
+def pointclip_line_directions(direction: Sequence[float], num_views: int = 6) -> Tensor:
+    """Directions ``(M, 3)`` (float64) of the official code's lines: one direction ``u`` seen from the
+    PointCLIP views, i.e. ``t = (R_j p) . u = p . (R_j^T u)``."""
+    u = torch.tensor(list(direction), dtype=torch.float64)
+    if u.shape != (3,) or u.norm() == 0:
+        raise ValueError(f"line_direction must be a non-zero 3-vector, got {list(direction)}")
+    rotations = pointclip_view_rotations(num_views)
+    return rotations.transpose(1, 2) @ (u / u.norm())
+
+
+def project_to_lines(unit_xyz: Tensor, directions: Tensor, length: int) -> Tensor:
+    """Continuous rows ``(B, M, G)`` in ``[0, length - 1]`` of unit-sphere points ``(B, G, 3)`` on
+    ``M`` lines ``(M, 3)``: ``t = p . v`` in ``[-1, 1]``, ``s = (t + 1) / 2 * (length - 1)``."""
+    t = torch.einsum("bgc,mc->bmg", unit_xyz, directions.to(unit_xyz))
+    return ((t + 1) / 2 * (length - 1)).clamp(0, length - 1)
+
+
+def line_cells(rows: Tensor, length: int, line_size: float) -> tuple[Tensor, int]:
+    """Cell of each continuous row ``(B, M, G)``: ``floor(s / line_size)``; also the cell count
+    (``length = 77``, ``line_size = 2`` -> 39 cells)."""
+    if line_size <= 0:
+        raise ValueError(f"line cell size must be positive, got {line_size}")
+    num_cells = int((length - 1) // line_size) + 1
+    return torch.floor(rows / line_size).long().clamp(0, num_cells - 1), num_cells
+
+
+def project_to_plane(unit_xyz: Tensor, rotations: Tensor, trans: float,
+                     plane_size: Sequence[int]) -> Tensor:
+    """Pixel positions ``(B, M, G, 2)`` as ``(row, col)`` of unit-sphere points ``(B, G, 3)`` seen
+    from ``M`` views ``(M, 3, 3)``.
+
+    ``p' = R p``; the camera looks down ``z`` with the object at distance ``|trans|``:
+    ``u = x' / (z' + |trans|)``, ``v = y' / (z' + |trans|)``; then ``col = (u + 1) / 2 * (W - 1)``,
+    ``row = (v + 1) / 2 * (H - 1)`` on a plane of ``plane_size = (H, W)`` pixels, clamped to it.
+    """
+    distance = abs(trans)
+    if distance <= 1:
+        raise ValueError(f"|trans| must exceed 1 (the unit sphere must lie in front of the camera), got {trans}")
+    height, width = plane_size
+    rotated = torch.einsum("mij,bgj->bmgi", rotations.to(unit_xyz), unit_xyz)
+    depth = rotated[..., 2] + distance
+    u, v = rotated[..., 0] / depth, rotated[..., 1] / depth
+    col = ((u + 1) / 2 * (width - 1)).clamp(0, width - 1)
+    row = ((v + 1) / 2 * (height - 1)).clamp(0, height - 1)
+    return torch.stack([row, col], dim=-1)
+
+
+def plane_cells(pixels: Tensor, plane_size: Sequence[int], cell_size: float) -> tuple[Tensor, int]:
+    """Cell of each pixel ``(B, M, G, 2)``: the square of side ``cell_size`` px containing it,
+    numbered row-major; also the cell count (518 px, 26 px cells -> 20 x 20)."""
+    if cell_size <= 0:
+        raise ValueError(f"plane cell size must be positive, got {cell_size}")
+    rows = int((plane_size[0] - 1) // cell_size) + 1
+    cols = int((plane_size[1] - 1) // cell_size) + 1
+    r = torch.floor(pixels[..., 0] / cell_size).long().clamp(0, rows - 1)
+    c = torch.floor(pixels[..., 1] / cell_size).long().clamp(0, cols - 1)
+    return r * cols + c, rows * cols
+
+
+def sample_table_1d(table: Tensor, rows: Tensor) -> Tensor:
+    """Linear interpolation of a 1D table ``(L, C)`` at continuous rows ``(...)`` -> ``(..., C)``:
+    rows ``floor(s)`` and ``floor(s) + 1`` weighted ``1 - frac`` and ``frac`` (an integer row is
+    taken exactly)."""
+    length = table.shape[0]
+    lo = rows.floor().long().clamp(0, length - 1)
+    hi = (lo + 1).clamp(max=length - 1)
+    frac = (rows - lo.to(rows.dtype)).unsqueeze(-1).to(table.dtype)
+    return table[lo] * (1 - frac) + table[hi] * frac
+
+
+def sample_table_2d(table: Tensor, pixels: Tensor, plane_size: Sequence[int]) -> Tensor:
+    """Bilinear sample of a 2D table ``(H_grid, W_grid, C)`` at plane pixels ``(..., 2)`` (row, col)
+    -> ``(..., C)``; the plane's corner pixels map to the table's corner entries
+    (``grid_sample`` with ``align_corners=True``)."""
+    height, width = plane_size
+    lead = pixels.shape[:-1]
+    grid = torch.stack([pixels[..., 1] / (width - 1), pixels[..., 0] / (height - 1)], dim=-1) * 2 - 1
+    image = table.permute(2, 0, 1).unsqueeze(0)
+    out = F.grid_sample(image, grid.reshape(1, -1, 1, 2).to(table.dtype), mode="bilinear",
+                        padding_mode="border", align_corners=True)
+    return out[0, :, :, 0].t().reshape(*lead, table.shape[-1])
+
+
+@dataclass
+class Projected:
+    """What the projection hands to the classifier for one batch.
+
+    Attributes:
+        unit: token centres normalised to the unit sphere ``(B, G, 3)``.
+        positions: per view, rows ``(B, M, G)`` (1D source) or pixels ``(B, M, G, 2)`` (2D source).
+        pe: the positional embedding to add to the tokens ``(B, G, C)``, or ``None`` (``pe: none``).
+    """
+
+    unit: Tensor
+    positions: Tensor
+    pe: Optional[Tensor]
+
+
+@MODELS.register()
+class VirtualProjection(nn.Module):
+    """3D-to-any virtual projection and the positional embedding of the 3D tokens (paper sec. 3).
+
+    ``forward(centres (B, G, 3), table) -> Projected``, where ``table`` is the source's frozen
+    ``pos_embed_1d`` (L, C) or ``pos_embed_2d`` (H, W, C), passed at call time so the table lives in
+    the source only.
+
+    Args:
+        source: the source transformer (injected): its table kind and size, plane and patch size.
+        pe: ``virtual`` (average of the M sampled source embeddings, the paper), ``none``,
+            ``sinusoidal`` (fixed sin/cos of the unit-sphere centre) or ``learnable`` (an MLP
+            3 -> 128 -> C on it); the ablation of the paper's Table 4.
+        num_views: M, the number of lines or views.
+        lines: 1D sources: ``even`` (lines spread evenly over the sphere) or ``pointclip_views``
+            (``line_direction`` seen from the PointCLIP views, as the official code did).
+        line_direction: the direction ``u`` for ``lines: pointclip_views``.
+        trans: 2D sources: camera distance (its magnitude is used; must exceed 1).
+        line_length: rows of the virtual line when the source is 2D but the adapter asks for 1D
+            guidance (default: the source's table length for 1D sources).
+        plane_size: ``[H, W]`` pixels of the virtual plane when the source is 1D but the adapter asks
+            for 2D guidance (default: the source's plane for 2D sources).
+    """
+
+    injected_args = ("source",)
+
+    def __init__(self, source: SourceTransformer, pe: PEKind = "virtual", num_views: int = 6,
+                 lines: LineKind = "even", line_direction: Optional[list[float]] = None,
+                 trans: float = 1.4, line_length: Optional[int] = None,
+                 plane_size: Optional[list[int]] = None) -> None:
+        super().__init__()
+        if pe not in PEKind.__args__:
+            raise ConfigError(f"projection pe must be one of {PEKind.__args__}, got '{pe}'")
+        if lines not in LineKind.__args__:
+            raise ConfigError(f"projection lines must be one of {LineKind.__args__}, got '{lines}'")
+        if (line_direction is not None) != (lines == "pointclip_views"):
+            raise ConfigError("projection line_direction is required with lines: pointclip_views and "
+                              "only allowed with it")
+        if num_views < 1 or (num_views > 6 and (source.modality_dim == 2 or lines == "pointclip_views")):
+            raise ConfigError(f"projection num_views must be in 1..6 with the PointCLIP views, got {num_views}")
+        if abs(trans) <= 1:
+            raise ConfigError(f"projection trans must have magnitude above 1, got {trans}")
+        self.dim = source.dim
+        self.pe_kind = pe
+        self.num_views = num_views
+        self.trans = float(trans)
+        self.modality_dim = source.modality_dim
+        if self.modality_dim == 1:
+            if line_length is not None:
+                raise ConfigError("projection line_length is set by a 1D source's own table; leave it unset")
+            self.line_length = source.pos_embed_1d.shape[0]
+            self.plane_size = tuple(plane_size) if plane_size is not None else None
+        else:
+            if plane_size is not None:
+                raise ConfigError("projection plane_size is set by a 2D source's own plane; leave it unset")
+            if line_length is not None and line_length < 2:
+                raise ConfigError(f"projection line_length must be at least 2, got {line_length}")
+            self.line_length = line_length
+            self.plane_size = tuple(source.plane_size)
+        self.source_patch_size = source.patch_size
+        if self.plane_size is not None and (len(self.plane_size) != 2 or min(self.plane_size) < 2):
+            raise ConfigError(f"projection plane_size must be [H, W] with both at least 2, got {plane_size}")
+        directions = (even_line_directions(num_views) if lines == "even"
+                      else pointclip_line_directions(line_direction, num_views))
+        self.register_buffer("directions", directions.float(), persistent=False)
+        self.register_buffer("rotations", pointclip_view_rotations(min(num_views, 6)).float(),
+                             persistent=False)
+        self.mlp = (nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, self.dim))
+                    if pe == "learnable" else None)
+
+    def positions(self, unit: Tensor, kind: Literal["1d", "2d"]) -> Tensor:
+        """Rows ``(B, M, G)`` on the M lines or pixels ``(B, M, G, 2)`` on the M views."""
+        if kind == "1d":
+            if self.line_length is None:
+                raise ConfigError("1D guidance on a 2D source needs the projection's line_length")
+            return project_to_lines(unit, self.directions, self.line_length)
+        if self.plane_size is None:
+            raise ConfigError("2D guidance on a 1D source needs the projection's plane_size")
+        if self.num_views > 6:
+            raise ConfigError(f"2D guidance uses the six PointCLIP views; num_views is {self.num_views}")
+        return project_to_plane(unit, self.rotations, self.trans, self.plane_size)
+
+    def cells(self, positions: Tensor, kind: Literal["1d", "2d"],
+              cell_size: Optional[float]) -> tuple[Tensor, int]:
+        """Cell index ``(B, M, G)`` of projected positions, and the number of cells per view.
+
+        ``cell_size`` defaults to 2 rows (1D) or the source's patch size in pixels (2D)."""
+        if kind == "1d":
+            return line_cells(positions, self.line_length, 2.0 if cell_size is None else cell_size)
+        size = cell_size if cell_size is not None else self.source_patch_size
+        if size is None:
+            raise ConfigError("2D guidance on a 1D source needs the adapter's cell_size (pixels)")
+        return plane_cells(positions, self.plane_size, size)
+
+    def forward(self, centres: Tensor, table: Tensor) -> Projected:
+        """``centres (B, G, 3)`` and the source table -> :class:`Projected`."""
+        if centres.ndim != 3 or centres.shape[-1] != 3:
+            raise ValueError(f"token centres must have shape (B, G, 3), got {tuple(centres.shape)}")
+        unit = normalize_to_unit_sphere(centres)
+        kind = "1d" if self.modality_dim == 1 else "2d"
+        positions = self.positions(unit, kind)
+        pe: Optional[Tensor] = None
+        if self.pe_kind == "virtual":
+            sampled = (sample_table_1d(table, positions) if kind == "1d"
+                       else sample_table_2d(table, positions, self.plane_size))
+            pe = sampled.mean(dim=1).to(centres.dtype)
+        elif self.pe_kind == "sinusoidal":
+            pe = sincos_embedding(unit, self.dim)
+        elif self.pe_kind == "learnable":
+            pe = self.mlp(unit)
+        return Projected(unit=unit, positions=positions, pe=pe)
+
+    def extra_repr(self) -> str:
+        geometry = (f"lines={self.num_views}, length={self.line_length}" if self.modality_dim == 1
+                    else f"views={self.num_views}, plane={self.plane_size}, trans={self.trans}")
+        return f"pe={self.pe_kind}, {geometry}"

@@ -1,0 +1,197 @@
+"""Any-to-3D guided adapter: the grouped BatchNorm and the batched local attention against
+per-group / per-view references, cell masking, the whole guided branch against a brute-force loop
+over samples, views, cells and voxels, the position variants, and parameter counts."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from any2point.models.adapter import (
+    GroupedBatchNorm,
+    GuidedAdapter,
+    ViewLocalAttention,
+    compact_segments,
+)
+from any2point.registry import ConfigError
+
+
+def _batch_norm_like(norm: GroupedBatchNorm, group: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(norm.running_mean.shape[1])
+    with torch.no_grad():
+        bn.weight.copy_(norm.weight[group])
+        bn.bias.copy_(norm.bias[group])
+        bn.running_mean.copy_(norm.running_mean[group])
+        bn.running_var.copy_(norm.running_var[group])
+    return bn
+
+
+def test_grouped_batch_norm_equals_one_batch_norm_per_group():
+    torch.manual_seed(0)
+    norm = GroupedBatchNorm(3, 5)
+    with torch.no_grad():
+        for weight, bias in zip(norm.weight, norm.bias):
+            weight.uniform_(0.5, 1.5)
+            bias.normal_()
+    x = torch.randn(20, 5) * 3 + 1
+    group = torch.tensor([0] * 8 + [1] * 12)
+    references = [_batch_norm_like(norm, g) for g in range(3)]
+    out = norm(x, group)
+    for g in (0, 1):
+        torch.testing.assert_close(out[group == g], references[g](x[group == g]))
+        torch.testing.assert_close(norm.running_mean[g], references[g].running_mean)
+        torch.testing.assert_close(norm.running_var[g], references[g].running_var)
+    torch.testing.assert_close(norm.running_mean[2], torch.zeros(5))
+    torch.testing.assert_close(norm.running_var[2], torch.ones(5))
+    norm.eval()
+    for g in (0, 1):
+        references[g].eval()
+        torch.testing.assert_close(norm(x, group)[group == g], references[g](x[group == g]))
+
+
+def _reference_local_attention(attn: ViewLocalAttention, x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Per sample, per view and per head: LayerNorm, attention over same-cell tokens, projection."""
+    b, g, c = x.shape
+    m, d, h = attn.num_views, attn.attn_dim, attn.heads
+    out = torch.empty(b, m, g, c)
+    for i in range(b):
+        for v in range(m):
+            normed = attn.norms[v](x[i])
+            qkv = (normed @ attn.qkv[v].weight.T + attn.qkv[v].bias).reshape(g, 3, h, d // h)
+            heads = []
+            for head in range(h):
+                q, k, val = qkv[:, 0, head], qkv[:, 1, head], qkv[:, 2, head]
+                scores = q @ k.T * d ** -0.5
+                scores = scores.masked_fill(cells[i, v][:, None] != cells[i, v][None, :], float("-inf"))
+                heads.append(scores.softmax(dim=-1) @ val)
+            out[i, v] = x[i] + torch.cat(heads, dim=-1) @ attn.proj[v].weight.T + attn.proj[v].bias
+    return out
+
+
+def _adapter(**kwargs) -> GuidedAdapter:
+    torch.manual_seed(0)
+    adapter = GuidedAdapter(dim=16, depth=2, num_views=3, bottleneck=4, attn_dim=6, attn_heads=3, **kwargs)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.normal_(mean=1.0 if "norm" in name and "weight" in name else 0.0, std=0.2)
+    return adapter
+
+
+def test_local_attention_matches_per_view_reference():
+    adapter = _adapter()
+    x = torch.randn(2, 12, 16)
+    cells = torch.randint(0, 4, (2, 3, 12))
+    context = adapter.context(cells, torch.rand(2, 12, 3))
+    out = adapter.local_attention(x, context.mask)
+    torch.testing.assert_close(out, _reference_local_attention(adapter.local_attention, x, cells),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cell_mask_confines_the_local_attention():
+    adapter = _adapter()
+    x = torch.randn(1, 12, 16)
+    cells = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]] * 3)[None]
+    context = adapter.context(cells, torch.rand(1, 12, 3))
+    before = adapter.local_attention(x, context.mask)
+    changed = x.clone()
+    changed[0, 5] = torch.randn(16) * 3
+    after = adapter.local_attention(changed, context.mask)
+    other_cells = [i for i in range(12) if i // 3 != 1]
+    torch.testing.assert_close(after[0, :, other_cells], before[0, :, other_cells], atol=1e-6, rtol=0)
+    assert (after[0, :, 3] - before[0, :, 3]).abs().max() > 1e-3
+
+
+def test_compact_segments_numbers_nonempty_segments_per_row():
+    ids = torch.tensor([[3, 1, 3], [0, 0, 2]])
+    segment, row = compact_segments(ids)
+    assert segment.tolist() == [1, 0, 1, 2, 2, 3]
+    assert row.tolist() == [0, 0, 1, 1]
+
+
+def _reference_guide(adapter: GuidedAdapter, index: int, z: torch.Tensor, cells: torch.Tensor,
+                     unit: torch.Tensor) -> torch.Tensor:
+    """The guided branch by loops over samples, views, cells and voxels (training-mode BN)."""
+    block = adapter.blocks[index]
+    b, t, c = z.shape
+    m = cells.shape[1]
+    points = z[:, 1:]
+    local = _reference_local_attention(adapter.local_attention, points, cells)
+    views = torch.empty(b, m, t - 1, c)
+    for v in range(m):
+        pooled, members = [], []
+        for i in range(b):
+            for cell in cells[i, v].unique():
+                idx = (cells[i, v] == cell).nonzero()[:, 0]
+                value = local[i, v, idx].mean(0)
+                if adapter.pool == "maxmean":
+                    value = value + local[i, v, idx].amax(0)
+                pooled.append(value)
+                members.append((i, idx))
+        bn = _batch_norm_like(block.view_norm, v)
+        for (i, idx), value in zip(members, F.gelu(bn(torch.stack(pooled)))):
+            views[i, v, idx] = value
+    if not adapter.ensemble:
+        return torch.cat([z[:, :1], points + adapter.coef * views.mean(1)], dim=1)
+    pooled, members = [], []
+    for i in range(b):
+        grid = torch.floor((unit[i] - unit[i].amin(0)) / adapter.voxel_size)
+        for key in grid.unique(dim=0):
+            idx = (grid == key).all(-1).nonzero()[:, 0]
+            pooled.append(points[i, idx].amax(0) + points[i, idx].mean(0))
+            members.append((i, idx))
+    voxels = torch.empty(b, t - 1, c)
+    for (i, idx), value in zip(members, F.gelu(_batch_norm_like(block.voxel_norm, 0)(torch.stack(pooled)))):
+        voxels[i, idx] = value
+    weights = (F.cosine_similarity(views, voxels[:, None], dim=-1) + 1) / 2
+    weights = weights / weights.sum(1, keepdim=True)
+    return torch.cat([z[:, :1], points + adapter.coef * (weights[..., None] * views).sum(1)], dim=1)
+
+
+@pytest.mark.parametrize("pool, ensemble", [("mean", True), ("maxmean", True), ("mean", False)])
+def test_guided_branch_matches_brute_force(pool, ensemble):
+    adapter = _adapter(pool=pool, ensemble=ensemble, coef=0.7, voxel_size=0.5)
+    z = torch.randn(2, 13, 16)
+    cells = torch.randint(0, 4, (2, 3, 12))
+    unit = torch.rand(2, 12, 3) * 2 - 1
+    context = adapter.context(cells, unit)
+    out = adapter._guide(adapter.blocks[1], context, z)
+    torch.testing.assert_close(out, _reference_guide(adapter, 1, z, cells, unit), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 0], z[:, 0])
+
+
+@pytest.mark.parametrize("position", ["after", "parallel", "before"])
+def test_bottleneck_position(position):
+    adapter = _adapter(position=position, coef=0.0, scale=0.5).eval()
+    x, f = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    context = adapter.context(torch.randint(0, 3, (2, 3, 8)), torch.rand(2, 8, 3))
+    out = adapter.hook(0, context)(x, f)
+    block = adapter.blocks[0]
+    expected = {"after": x + f + 0.5 * block.bottleneck(f), "parallel": x + f + 0.5 * block.bottleneck(x),
+                "before": x + 0.5 * block.bottleneck(x) + f}[position]
+    torch.testing.assert_close(out, expected)
+
+
+def test_parameter_counts_and_insert_depth():
+    adapter = GuidedAdapter(dim=768, depth=12, num_views=6, bottleneck=16)
+    assert sum(p.numel() for p in adapter.local_attention.parameters()) == 235_224
+    assert sum(p.numel() for p in adapter.blocks[0].parameters()) == 36_112
+    assert sum(p.numel() for p in adapter.parameters()) == 235_224 + 12 * 36_112
+    shallow = GuidedAdapter(dim=16, depth=4, num_views=2, bottleneck=4, insert_depth=2)
+    assert len(shallow.blocks) == 2
+    context = shallow.context(torch.zeros(1, 2, 5, dtype=torch.long), torch.rand(1, 5, 3))
+    assert shallow.hook(1, context) is not None and shallow.hook(2, context) is None
+    no_ensemble = GuidedAdapter(dim=16, depth=1, num_views=2, bottleneck=4, ensemble=False)
+    assert no_ensemble.blocks[0].voxel_norm is None
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ConfigError, match="divisible"):
+        GuidedAdapter(dim=16, depth=2, num_views=2, attn_dim=12, attn_heads=5)
+    with pytest.raises(ConfigError, match="insert_depth"):
+        GuidedAdapter(dim=16, depth=2, num_views=2, insert_depth=3)
+    with pytest.raises(ConfigError, match="pool"):
+        GuidedAdapter(dim=16, depth=2, num_views=2, pool="sum")
+    with pytest.raises(ConfigError, match="voxel_size"):
+        GuidedAdapter(dim=16, depth=2, num_views=2, voxel_size=0.0)

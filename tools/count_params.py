@@ -1,0 +1,41 @@
+"""Count a config's model parameters: ``python tools/count_params.py --config CFG [key=value ...]``.
+
+Prints one JSON object ``{"total", "trainable", "trainable_without_head"}``. The model is always
+built at random init (the source's ``pretrained`` is set to null): counting needs no weights, so
+this works offline and on a machine without the ``ckpts/`` files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional, Sequence
+
+from any2point import build_model, load_config
+
+
+def count_params(config: str, overrides: Sequence[str] = ()) -> dict[str, int]:
+    """Build the model of ``config`` at random init and count its parameters."""
+    cfg = load_config(config, overrides)
+    source = cfg.model.get("source")
+    if source is not None and "pretrained" in source:
+        source.pretrained = None
+    model = build_model(cfg.model)
+    params = list(model.parameters())
+    head = getattr(model, "head", None)
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    trainable = [p for p in params if p.requires_grad]
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in trainable),
+            "trainable_without_head": sum(p.numel() for p in trainable if id(p) not in head_params)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    print(json.dumps(count_params(args.config, args.overrides)))
+
+
+if __name__ == "__main__":
+    main()
