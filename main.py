@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is in ckpt-last.pth; continue with --resume", file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown()
     return 0

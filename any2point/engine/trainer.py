@@ -216,8 +216,8 @@ class Trainer:
         else:
             logger.warning("checkpoint was written by %d processes, resuming with %d: RNG streams restart",
                            len(rng), distributed.world_size())
-        logger.info("resumed from %s at epoch %d (best OA %.2f at epoch %d)", path, self.start_epoch,
-                    self.best_oa, self.best_epoch)
+        logger.info("resumed from %s: %d of %d epochs done (best %s OA %.2f at epoch %d)", path, self.start_epoch,
+                    self.cfg.train.epochs, self.select_split, self.best_oa, self.best_epoch + 1)
 
     # ----------------------------------------------------------------------------------- loop
     def train_epoch(self, epoch: int) -> dict[str, float]:
