@@ -7,7 +7,7 @@ The schedule is stepped once per iteration.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -90,7 +90,3 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
 def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, epochs: int,
                     iters_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     return build_from_cfg(cfg, SCHEDULERS, optimizer=optimizer, epochs=epochs, iters_per_epoch=iters_per_epoch)
-
-
-def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
-    return (p for p in model.parameters() if p.requires_grad)

@@ -160,8 +160,8 @@ class Trainer:
         self.start_epoch, self.best_oa, self.best_epoch = 0, -1.0, -1
         if resume:
             self._resume()
-        else:
-            save_config(cfg, self.exp_dir / "config.yaml") if distributed.is_main() else None
+        elif distributed.is_main():
+            save_config(cfg, self.exp_dir / "config.yaml")
         self.writer = ScalarWriter(self.exp_dir / "tb")
         logger.info("experiment folder: %s (checkpoints %s, %s; TensorBoard logs %s)", self.exp_dir,
                     LAST, BEST, self.exp_dir / "tb")
