@@ -33,6 +33,9 @@ def make_pair(kind: str, batch: int, num_queries: int, num_ref: int, dtype, seed
     elif kind == "grid":  # lattice: many equal distances
         ref = rng.integers(0, 3, size=(batch, num_ref, 3)).astype(np.float64)
         query = rng.integers(0, 3, size=(batch, num_queries, 3)).astype(np.float64)
+    elif kind == "lattice":  # wider lattice: duplicates and equal distances, fewer per distance than "grid"
+        ref = rng.integers(0, 8, size=(batch, num_ref, 3)).astype(np.float64)
+        query = rng.integers(0, 8, size=(batch, num_queries, 3)).astype(np.float64)
     elif kind == "equal":
         ref = np.full((batch, num_ref, 3), -1.25)
         query = np.zeros((batch, num_queries, 3))
@@ -70,6 +73,41 @@ def test_knn_chunked_queries_match_reference(monkeypatch):
     query, ref = make_pair("grid", 2, 17, 40, np.float32)
     dist, idx = knn(torch.from_numpy(query), torch.from_numpy(ref), 6)
     ref_dist, ref_idx = knn_reference(query, ref, 6)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_array_equal(dist.numpy(), ref_dist)
+
+
+# N >= 8k: the float32 CPU selection among pre-filtered candidates (neighbors._smallest_k_prefiltered).
+PREFILTER_CASES = [
+    ("random", 2, 40, 256, 16),
+    ("duplicates", 2, 40, 300, 12),
+    ("lattice", 2, 40, 512, 16),
+    ("lattice", 3, 33, 512, 64),
+    ("far", 2, 40, 200, 8),
+]
+
+
+@pytest.mark.parametrize("chunk_queries", [None, 7])
+@pytest.mark.parametrize("kind,batch,num_queries,num_ref,k", PREFILTER_CASES)
+def test_knn_prefiltered_matches_reference(monkeypatch, kind, batch, num_queries, num_ref, k, chunk_queries):
+    if chunk_queries is not None:
+        monkeypatch.setitem(neighbors._CHUNK_ELEMENTS, "cpu", batch * chunk_queries * num_ref)
+    query, ref = make_pair(kind, batch, num_queries, num_ref, np.float32)
+    block = neighbors._squared_distances(torch.from_numpy(query), torch.from_numpy(ref))
+    assert neighbors._smallest_k_prefiltered(block, k) is not None  # the path under test is taken
+    dist, idx = knn(torch.from_numpy(query), torch.from_numpy(ref), k)
+    ref_dist, ref_idx = knn_reference(query, ref, k)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_array_equal(dist.numpy(), ref_dist)
+
+
+@pytest.mark.parametrize("kind,num_ref,k", [("equal", 100, 4), ("grid", 512, 4)])
+def test_knn_prefilter_flooded_by_ties_falls_back(kind, num_ref, k):
+    query, ref = make_pair(kind, 2, 20, num_ref, np.float32)
+    block = neighbors._squared_distances(torch.from_numpy(query), torch.from_numpy(ref))
+    assert neighbors._smallest_k_prefiltered(block, k) is None  # too many candidates tie with the bound
+    dist, idx = knn(torch.from_numpy(query), torch.from_numpy(ref), k)
+    ref_dist, ref_idx = knn_reference(query, ref, k)
     np.testing.assert_array_equal(idx.numpy(), ref_idx)
     np.testing.assert_array_equal(dist.numpy(), ref_dist)
 
