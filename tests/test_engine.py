@@ -130,6 +130,8 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
     assert len(b["rng"]) == 2
+    init = checkpoint.trainable_state_dict(Trainer(load_config(tiny_config(tmp_path, "init", **sgd))).model)
+    assert max((a["model"][k] - init[k]).abs().max().item() for k in init) > 1e-3  # far beyond the tolerance
     # evaluation is all-reduced: every test sample counted once, same accuracy
     log = (tmp_path / "exp/double/log.txt").read_text()
     assert "(n=24)" in log
