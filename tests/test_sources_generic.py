@@ -41,13 +41,7 @@ TIMM_TINY = dict(img_size=48, embed_dim=32, depth=2, num_heads=4)
 AST_TINY = dict(model_type="audio-spectrogram-transformer", num_mel_bins=36, max_length=56, **SIZES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
