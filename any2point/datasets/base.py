@@ -62,9 +62,10 @@ class PointDataset(Dataset):
 
     def __init__(self, split: str, transforms: Optional[dict] = None, seed: int = 0) -> None:
         transforms = transforms or {}
-        unknown = set(transforms) - {"train", "test"}
+        unknown = set(transforms) - {"train", "test", "vote"}
         if unknown:
-            raise ConfigError(f"dataset.transforms has unknown keys {sorted(unknown)}; use 'train' and 'test'")
+            raise ConfigError(f"dataset.transforms has unknown keys {sorted(unknown)}; use 'train', 'test' "
+                              f"and (for test-time voting) 'vote'")
         self.split = split
         self.seed = seed
         self.epoch = 0
