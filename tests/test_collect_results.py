@@ -63,3 +63,24 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "not a readable results file" in capsys.readouterr().err
     assert collect([str(tmp_path / "son_dino_seed0"), "--ref", "oops"]) == 2
     assert "GROUP=NUMBER" in capsys.readouterr().err
+
+
+def test_three_seeds_of_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture, one_thread) -> None:
+    import json
+
+    import yaml
+
+    from any2point.config import load_config
+    from any2point.engine.trainer import Trainer
+    from tests.conftest import TINY_RUN
+
+    for seed in range(3):
+        cfg = {**TINY_RUN, "train": {**TINY_RUN["train"], "epochs": 2},
+               "experiment": {"name": f"tiny_seed{seed}", "output_dir": str(tmp_path), "seed": seed}}
+        (tmp_path / f"s{seed}.yaml").write_text(yaml.safe_dump(cfg))
+        Trainer(load_config(tmp_path / f"s{seed}.yaml")).fit()
+    capsys.readouterr()
+    assert collect([str(tmp_path / f"tiny_seed{s}") for s in range(3)]) == 0
+    oas = [json.loads((tmp_path / f"tiny_seed{s}" / "results.json").read_text())["metrics"]["OA"] for s in range(3)]
+    row = f"| tiny | 3 | 0 1 2 | {statistics.fmean(oas):.2f} ± {statistics.stdev(oas):.2f} |"
+    assert row in capsys.readouterr().out

@@ -92,3 +92,24 @@ def test_results_record_is_json_with_provenance(tmp_path) -> None:
     other_seed = results_record(m, {**cfg, "experiment": {"name": "y", "seed": 4}}, task.class_names,
                                 split="test", protocol="honest", voting={"passes": 1, "seed": 0})
     assert other_seed["group_hash"] == back["group_hash"] and other_seed["config_hash"] != back["config_hash"]
+
+
+def test_main_test_votes_and_writes_results(tiny_run, capsys) -> None:
+    import main as entry
+
+    ckpt = str(tiny_run / "ckpt-best.pth")
+    final = json.loads((tiny_run / "results.json").read_text())  # written by the training's final test
+    assert final["voting"] == {"passes": 1, "pass_OA": []} and final["protocol"] == "honest"
+    assert final["class_names"] == ["sphere", "box", "torus"] and final["split"] == "test"
+    assert entry.main(["--test", "--ckpt", ckpt, "--vote", "3", "--results", "voted.json"]) == 0
+    err = capsys.readouterr().err
+    voted = json.loads((tiny_run / "voted.json").read_text())
+    assert f"test OA {voted['metrics']['OA']:.2f}" in err and "voting 3 (single passes OA" in err
+    assert voted["voting"]["passes"] == 3 and voted["voting"]["transforms"] == "train"
+    assert len(voted["voting"]["pass_OA"]) == 3 and voted["metrics"]["count"] == 48
+    assert voted["config_hash"] == final["config_hash"] and voted["epoch"] == final["epoch"]
+    assert entry.main(["--test", "--ckpt", ckpt, "--vote", "3", "--results", "again.json"]) == 0
+    assert json.loads((tiny_run / "again.json").read_text())["voting"] == voted["voting"]  # seeded
+    with pytest.raises(SystemExit):
+        entry.main(["--config", "cfgs/demo.yaml", "--vote", "3"])
+    assert "model selection never votes" in capsys.readouterr().err

@@ -31,10 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from any2point.config import validate
 from any2point.datasets import PointDataset, build_dataset
-from any2point.engine import distributed
+from any2point.engine import checkpoint, distributed
+from any2point.engine.log import setup_logging
 from any2point.engine.metrics import Metrics
-from any2point.engine.tasks import ClassificationTask
+from any2point.engine.tasks import ClassificationTask, build_task
+from any2point.models import build_model
 from any2point.registry import ConfigError
 
 logger = logging.getLogger("any2point")
@@ -43,6 +46,17 @@ logger = logging.getLogger("any2point")
 VOTE_EPOCH_BASE = 1 << 40
 MAX_VOTES = 1024
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS = "results.json"
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
+    return device
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -198,11 +212,6 @@ def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None,
                device: Optional[torch.device] = None) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
     """The model of a checkpoint, in eval mode: built from ``cfg`` (default: the checkpoint's own
     config), its trainable state loaded strictly, its source checked against the saved identity."""
-    from any2point.config import validate
-    from any2point.engine import checkpoint
-    from any2point.engine.trainer import _check_source as check_source, pick_device
-    from any2point.models import build_model
-
     ckpt = checkpoint.load(ckpt_path)
     if cfg is None:
         cfg = OmegaConf.create(ckpt["config"])
@@ -212,3 +221,55 @@ def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None,
     checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))
     check_source(model, ckpt.get("source"))
     return model.eval(), cfg, ckpt
+
+
+def check_source(model: nn.Module, saved: Optional[dict[str, Any]]) -> None:
+    """The source weights the config loads must be those the checkpoint was trained on."""
+    identity = getattr(model, "source_identity", None)
+    if saved is None or identity is None:
+        return
+    now = identity()
+    if saved.get("sha256") and now.get("sha256") and saved["sha256"] != now["sha256"]:
+        raise ValueError(f"the checkpoint was trained on source weights {saved} but the config loads {now}")
+
+
+def log_test(m: Metrics, class_names: list[str], votes: int, where: str) -> None:
+    """The test line (with its voting) and the per-class accuracies."""
+    voting = f"voting {votes}" + (f" (single passes OA {min(m.pass_oa):.2f}-{max(m.pass_oa):.2f})"
+                                  if m.pass_oa else "")
+    logger.info("test %s  %s  [%s]", m.summary(), voting, where)
+    for name, acc in zip(class_names, m.per_class):
+        logger.info("  %-16s %6.2f", name, acc)
+
+
+def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, vote_seed: int = 0,
+                    results: str = RESULTS) -> Metrics:
+    """Test a checkpoint on the test split of ``cfg``'s dataset, with ``vote``-pass voting when
+    ``vote > 1``; log the number with its voting and write ``results`` next to the checkpoint."""
+    device = pick_device(cfg.train.device)
+    distributed.init(device)
+    setup_logging()
+    model, cfg, ckpt = load_model(ckpt_path, cfg, device)
+    world = distributed.world_size()
+    test = (voting_dataset(cfg.dataset, "test", vote, vote_seed) if vote > 1
+            else build_dataset(cfg.dataset, "test"))
+    base = test.base if vote > 1 else test
+    task = build_task(base, cfg.train.label_smoothing)
+    if ckpt.get("class_names") and list(ckpt["class_names"]) != task.class_names:
+        raise ConfigError(f"checkpoint {ckpt_path} was trained on classes {ckpt['class_names']} but the "
+                          f"config's dataset has {task.class_names}")
+    loader = eval_loader(test, max(1, (cfg.train.test_batch_size or cfg.train.batch_size) // world),
+                         cfg.train.num_workers, device)
+    m = evaluate(model, loader, task, device, cfg.train.amp, "test")
+    epoch = ckpt.get("epoch", -1) + 1
+    log_test(m, task.class_names, vote, f"checkpoint {ckpt_path}, epoch {epoch}, protocol {ckpt.get('protocol')}")
+    transforms = (cfg.dataset.get("transforms") or {})
+    voting = {"passes": vote} if vote == 1 else {
+        "passes": vote, "seed": vote_seed, "averaged": "logits",
+        "transforms": "vote" if transforms.get("vote") is not None else "train"}
+    source = getattr(model, "source_identity", None)
+    record = results_record(m, cfg, task.class_names, split="test", protocol=ckpt.get("protocol"), voting=voting,
+                            checkpoint=str(ckpt_path), epoch=epoch, source=source() if source else None,
+                            task=task.name)
+    logger.info("results: %s", write_results(record, Path(ckpt_path).parent / results))
+    return m
