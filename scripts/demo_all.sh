@@ -13,8 +13,10 @@ CKPT="$EXP/ckpt-best.pth"
 SHAPES="$EXP/shapes"
 
 train_run cfgs/demo.yaml demo_all "${SEEDS%% *}" "train.epochs=$DEMO_EPOCHS" "scheduler.warmup_epochs=1"
-run "$PYTHON" main.py --test --ckpt "$CKPT"
-run "$PYTHON" main.py --test --ckpt "$CKPT" --vote 3 --results results_vote3.json
+# shellcheck disable=SC2046
+run $(launcher) main.py --test --ckpt "$CKPT"
+# shellcheck disable=SC2046
+run $(launcher) main.py --test --ckpt "$CKPT" --vote 3 --results results_vote3.json
 run "$PYTHON" -c "import sys, numpy as np, trimesh, pathlib
 out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 trimesh.creation.icosphere(subdivisions=3, radius=2.0).export(out / 'sphere.stl')
