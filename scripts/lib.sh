@@ -53,7 +53,9 @@ train_run() {
   local config="$1" name="$2" seed="$3"
   shift 3
   local resume=()
-  [[ -f "$ROOT/$OUT/$name/ckpt-last.pth" ]] && resume=(--resume)
+  local folder="$OUT/$name"
+  [[ "$OUT" == /* ]] || folder="$ROOT/$folder"
+  [[ -f "$folder/ckpt-last.pth" ]] && resume=(--resume)
   # shellcheck disable=SC2046,SC2086
   run $(launcher) main.py --config "$config" "${resume[@]}" "experiment.name=$name" "experiment.output_dir=$OUT" \
     "experiment.seed=$seed" "$@" $EXTRA

@@ -54,7 +54,9 @@ class PointDataset(Dataset):
 
     Args:
         split: one of ``train``, ``val``, ``trainval``, ``test``.
-        transforms: ``{"train": [...], "test": [...]}`` lists of transform configs.
+        transforms: ``{"train": [...], "test": [...]}`` lists of transform configs, and optionally
+            ``"vote": [...]``, the augmentations of test-time voting (default: the ``train`` list;
+            see :mod:`any2point.engine.evaluate`).
         seed: base seed of the per-item augmentation generators.
     """
 

@@ -137,7 +137,7 @@ def evaluate(model: nn.Module, loader: DataLoader, task: ClassificationTask, dev
             meter.add(out, b)
         voted.add(torch.stack(outputs).mean(0), batches[0])
     metrics = voted.compute()
-    metrics.pass_oa = [m.compute().oa for m in single]
+    metrics.pass_oa = [task.score(m.compute()) for m in single]
     return metrics
 
 

@@ -57,6 +57,11 @@ class ClassificationTask:
         """The number model selection maximises."""
         return metrics.oa
 
+    @staticmethod
+    def scalars(metrics: Metrics) -> dict[str, float]:
+        """The numbers logged per evaluation (log line and TensorBoard)."""
+        return {"OA": metrics.oa, "mAcc": metrics.macc}
+
 
 class ClassificationMeter:
     """Accumulates the confusion matrix of a task's outputs over batches; :meth:`compute`

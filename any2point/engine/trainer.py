@@ -245,7 +245,8 @@ class Trainer:
                                    device=self.device)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         loss_sum, count = distributed.all_reduce_sum(totals).tolist()
-        return {"loss": loss_sum / count, "acc": meter.compute().oa, "lr": self.optimizer.param_groups[0]["lr"]}
+        return {"loss": loss_sum / count, "acc": self.task.score(meter.compute()),
+                "lr": self.optimizer.param_groups[0]["lr"]}
 
     def final_test(self) -> Metrics:
         """Evaluate the best checkpoint on the test split once; log it with its protocol and write
@@ -258,8 +259,8 @@ class Trainer:
         how = ("best epoch selected on the validation split held out of train" if self.protocol == "honest"
                else "best epoch selected on the test split itself (paper protocol; optimistic)")
         log_test(m, self.task.class_names, 1, f"epoch {self.best_epoch + 1}; protocol {self.protocol}: {how}")
-        self.writer.add("test/OA", m.oa, self.best_epoch + 1)
-        self.writer.add("test/mAcc", m.macc, self.best_epoch + 1)
+        for name, value in self.task.scalars(m).items():
+            self.writer.add(f"test/{name}", value, self.best_epoch + 1)
         self.writer.close()
         source = getattr(self.model, "source_identity", None)
         record = results_record(m, self.cfg, self.task.class_names, split="test", protocol=self.protocol,
@@ -324,9 +325,9 @@ class EpochLog(Hook):
                 f"lr {train['lr']:.2e}")
         m = trainer.stats.get("select")
         if m is not None:
-            split = trainer.select_split
-            trainer.writer.add(f"{split}/OA", m.oa, step)
-            trainer.writer.add(f"{split}/mAcc", m.macc, step)
-            line += (f"  | {split} OA {m.oa:.2f} mAcc {m.macc:.2f}  (best {trainer.best_oa:.2f} @ epoch "
-                     f"{trainer.best_epoch + 1}, protocol {trainer.protocol})")
+            split, scalars = trainer.select_split, trainer.task.scalars(m)
+            for name, value in scalars.items():
+                trainer.writer.add(f"{split}/{name}", value, step)
+            line += (f"  | {split} " + " ".join(f"{name} {value:.2f}" for name, value in scalars.items())
+                     + f"  (best {trainer.best_oa:.2f} @ epoch {trainer.best_epoch + 1}, protocol {trainer.protocol})")
         logger.info(line)
