@@ -17,11 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import open_clip
 import torch
 import torch.nn as nn
-from open_clip.model import CLIPTextCfg
-from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import Tensor
 
 from any2point.models.backbones.base import FFNHook, SourceTransformer, read_state_dict
@@ -105,6 +102,10 @@ class CLIPTextSource(SourceTransformer):
     def __init__(self, model_name: str = "ViT-L-14-quickgelu", width: Optional[int] = None,
                  depth: Optional[int] = None, heads: Optional[int] = None,
                  pretrained: Optional[str] = None, official_seq_first_bug: bool = False) -> None:
+        import open_clip
+        from open_clip.model import CLIPTextCfg
+        from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+
         super().__init__()
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
