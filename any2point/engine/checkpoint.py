@@ -128,8 +128,8 @@ def load(path: str | Path) -> dict[str, Any]:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsafe:
             raise CheckpointError(
-                f"refusing to load {path}: it holds a {unsafe.group(1)} object, not only tensors, numbers, "
-                f"strings, lists and dicts (loading it could run code); nothing in it was executed") from None
+                f"refusing to load {path}: it calls '{unsafe.group(1)}' when unpickled, but a checkpoint holds only "
+                f"tensors, numbers, strings, lists and dicts (this file could run code; nothing in it ran)") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         first = str(e).split(". ")[0] or type(e).__name__

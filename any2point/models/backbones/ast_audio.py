@@ -1,5 +1,5 @@
 """The Audio Spectrogram Transformer (``transformers`` AST) as a frozen 2D audio source (paper
-Table 6, its SSAST row; DESIGN.md "The SourceTransformer contract").
+Table 6, its SSAST row; docs/method.md "The SourceTransformer contract").
 
 AST (Gong et al. 2021) cuts a ``num_mel_bins`` x ``max_length`` log-mel spectrogram into 16 x 16
 patches with strides ``frequency_stride`` x ``time_stride`` (10 x 10: a 12 x 101 grid for 128 mel

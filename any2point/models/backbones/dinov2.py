@@ -1,4 +1,4 @@
-"""DINOv2 ViT-B/14 (timm) as a frozen 2D source (paper sec. 3; DESIGN.md "The SourceTransformer
+"""DINOv2 ViT-B/14 (timm) as a frozen 2D source (paper sec. 3; docs/method.md "The SourceTransformer
 contract").
 
 The paper's vision source is Meta's DINOv2 ViT-B/14 at 518 px: 12 blocks of width 768 with

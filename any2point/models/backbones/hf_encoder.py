@@ -1,5 +1,5 @@
 """Any Hugging Face ``transformers`` text encoder as a frozen 1D source (paper sec. 3 and Table 6;
-DESIGN.md "The SourceTransformer contract", generic sources).
+docs/method.md "The SourceTransformer contract", generic sources).
 
 BERT, RoBERTa, MiniLM, ELECTRA, XLM-R, CLIP's and SigLIP's text towers, ...: the encoder's absolute
 position-embedding table (its rows after any offset, such as RoBERTa's padding rows) is the 1D

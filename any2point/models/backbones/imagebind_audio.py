@@ -1,4 +1,4 @@
-"""ImageBind's audio encoder as a frozen 2D source (paper sec. 3; DESIGN.md "The SourceTransformer
+"""ImageBind's audio encoder as a frozen 2D source (paper sec. 3; docs/method.md "The SourceTransformer
 contract"), written here after ImageBind (Girdhar et al. 2023).
 
 ImageBind embeds a 128 mel x 204 frame spectrogram with a 16 x 16 convolution of stride 10 into a

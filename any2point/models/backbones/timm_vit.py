@@ -1,4 +1,4 @@
-"""Any timm Vision Transformer as a frozen 2D source (paper Table 6; DESIGN.md "The SourceTransformer
+"""Any timm Vision Transformer as a frozen 2D source (paper Table 6; docs/method.md "The SourceTransformer
 contract", generic sources): DeiT, ViT (AugReg, CLIP-style with ``norm_pre``), DINOv2 variants
 without register tokens, DeiT-III, EVA without rotary embeddings, ... by timm model name.
 
