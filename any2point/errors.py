@@ -55,14 +55,14 @@ def debug_requested(flag: bool = False) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def run_cli(command: Callable[[], None], debug: bool = False) -> int:
-    """Run ``command``; a user error prints ``error: <message>`` and returns 2 (no traceback)."""
+def run_cli(command: Callable[[], Optional[int]], debug: bool = False) -> int:
+    """Run ``command`` and return its exit code (``None``: 0); a user error prints
+    ``error: <message>`` and returns 2 (no traceback)."""
     try:
-        command()
+        return command() or 0
     except Exception as exc:  # noqa: BLE001  (user errors are reported, everything else re-raised)
         message = user_message(exc)
         if message is None or debug_requested(debug):
             raise
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return 0
