@@ -243,10 +243,11 @@ def test_checkpoint_refuses_another_source_both_ways(tmp_path: Path, capsys: pyt
     code, err = run_main(capsys, "--config", str(cfg_path), "--test", "--ckpt", str(best),
                          "model.source.pretrained=null", "--ignore-source-mismatch")
     assert code == 0 and "continuing anyway" in err
+    # resuming checks it too (after the config check, which sees the changed path first)
+    random_source = load_config(cfg_path, ["model.source.pretrained=null"])
+    with pytest.raises(CheckpointError, match=f"{sha}.*random init"):
+        Trainer(random_source, resume=True, allow_config_change=True)
     # the other way: a checkpoint of a random-init source refuses real weights
-    random_init = nn.Module()
-    random_init.source_identity = lambda: {"name": "CLIPTextSource:ViT-L-14-quickgelu", "weights": None,
-                                           "sha256": None}
     saved = checkpoint.load(best)["source"]
     with pytest.raises(CheckpointError, match="at random init.*pretrained=null"):
         check_source({**saved, "weights": None, "sha256": None}, _with_identity(saved), best)

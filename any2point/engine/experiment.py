@@ -47,11 +47,8 @@ class ExperimentLock:
         f.flush()
         self._file = f
 
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
     def release(self) -> None:
+        """Give the lock up (idempotent); the lock file stays, harmless without a holder."""
         if self._file is not None:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
