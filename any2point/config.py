@@ -216,12 +216,13 @@ def _origin(root: DictConfig, full_key: str) -> str:
 ALL_REGISTRIES = (MODELS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULERS)
 
 
-def _registry_for(node: DictConfig, path: str) -> Registry:
-    """The registry that holds a nested ``type:``; an unknown name is an error naming the key."""
+def _registry_for(node: DictConfig, path: str) -> Optional[Registry]:
+    """The registry that holds a nested ``type:`` (``None`` if several do); an unknown name is an
+    error naming the key."""
     type_name = node["type"]
     hits = [r for r in ALL_REGISTRIES if type_name in r]
     if hits:
-        return hits[0]
+        return hits[0] if len(hits) == 1 else None
     # list the names of the kind the key's path suggests ("dataset.transforms.train[0]": transforms)
     parts = re.split(r"[.\[]", path)[::-1]
     hinted = [r for part in parts for r in ALL_REGISTRIES if r.kind in part]
@@ -236,10 +237,11 @@ def _validate_typed(node: Any, path: str, registry: Optional[Registry]) -> None:
     if isinstance(node, DictConfig):
         if "type" in node:
             reg = registry or _registry_for(node, path)
-            target = reg.get(node["type"])
-            kwargs = {k: v for k, v in node.items() if k != "type"}
-            check_kwargs(target, kwargs, f"{reg.kind} '{node['type']}' at '{path}'", node,
-                         injected=getattr(target, "injected_args", ()))
+            if reg is not None:
+                target = reg.get(node["type"])
+                kwargs = {k: v for k, v in node.items() if k != "type"}
+                check_kwargs(target, kwargs, f"{reg.kind} '{node['type']}' at '{path}'", node,
+                             injected=getattr(target, "injected_args", ()))
         for key, value in node.items():
             _validate_typed(value, f"{path}.{key}", None)
     elif isinstance(node, ListConfig):

@@ -43,7 +43,7 @@ def user_message(exc: BaseException) -> Optional[str]:
     """The one-line message for a user error; ``None`` for anything else (a bug)."""
     if isinstance(exc, UserError):
         return str(exc)
-    if isinstance(exc, FileNotFoundError) and exc.errno is None:  # raised here with its own message
+    if isinstance(exc, FileNotFoundError) and exc.errno is None:  # raised by any2point, with its own message
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
         return describe_os_error(exc)
