@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Optional, Sequence
 
-from any2point import build_model, load_config
+from any2point.errors import run_cli
 
 
 def count_params(config: str, overrides: Sequence[str] = ()) -> dict[str, int]:
     """Build the model of ``config`` at random init and count its parameters."""
+    from any2point import build_model, load_config
+
     cfg = load_config(config, overrides)
     source = cfg.model.get("source")
     if source is not None and "pretrained" in source:
@@ -29,13 +32,14 @@ def count_params(config: str, overrides: Sequence[str] = ()) -> dict[str, int]:
             "trainable_without_head": sum(p.numel() for p in trainable if id(p) not in head_params)}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
-    print(json.dumps(count_params(args.config, args.overrides)))
+    return run_cli(lambda: print(json.dumps(count_params(args.config, args.overrides))), debug=args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

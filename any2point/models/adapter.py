@@ -1,5 +1,5 @@
 """The any-to-3D guided adapter (paper sec. 3, "Any-to-3D guided adapter";
-DESIGN.md, "The method").
+docs/method.md, "The method").
 
 Sits where each frozen block adds its FFN output ``f`` to the residual stream ``x`` (the source's
 ``ffn_hook``), on tokens ``(B, 1 + G, C)``:

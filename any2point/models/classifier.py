@@ -1,4 +1,4 @@
-"""The assembled Any2Point classifier (paper sec. 3; DESIGN.md, "The method").
+"""The assembled Any2Point classifier (paper sec. 3; docs/method.md, "The method").
 
 ``points (B, N, 3) -> logits (B, num_classes)``: Point-PN tokens ``(B, G, C)`` + the averaged
 virtual-projection PE -> prepend the cls token (+ its PE) -> the frozen source's blocks, each with

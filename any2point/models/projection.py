@@ -1,5 +1,5 @@
 """3D-to-any virtual projection (paper sec. 3, "3D-to-any virtual projection";
-DESIGN.md, "The method").
+docs/method.md, "The method").
 
 Each 3D token centre is projected, without rendering anything, to M positions in the source's own
 positional-embedding table: M lines for a 1D (language) source, the six PointCLIP views for a 2D

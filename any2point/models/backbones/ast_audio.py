@@ -1,5 +1,5 @@
 """The Audio Spectrogram Transformer (``transformers`` AST) as a frozen 2D audio source (paper
-Table 6, its SSAST row; DESIGN.md "The SourceTransformer contract").
+Table 6, its SSAST row; docs/method.md "The SourceTransformer contract").
 
 AST (Gong et al. 2021) cuts a ``num_mel_bins`` x ``max_length`` log-mel spectrogram into 16 x 16
 patches with strides ``frequency_stride`` x ``time_stride`` (10 x 10: a 12 x 101 grid for 128 mel
@@ -19,17 +19,19 @@ offline, from a local folder or the local Hugging Face cache (see :mod:`hf_encod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch.nn as nn
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from any2point.models.backbones.base import FFNHook, SourceTransformer
 from any2point.models.backbones.hf_encoder import (build_hf_model, find_layers, hf_config, hf_download_hint,
                                                    hf_weight_file, layer_runner, load_hf_model,
                                                    resolve_pretrained)
 from any2point.registry import MODELS, ConfigError
+
+if TYPE_CHECKING:  # the model library loads only when a source is built
+    from transformers import PreTrainedModel
 
 AST_MODEL_TYPE = "audio-spectrogram-transformer"
 

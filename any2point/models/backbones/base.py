@@ -1,7 +1,7 @@
 """The SourceTransformer contract: what the Any2Point method needs from a frozen source model.
 
 Every source (CLIP text tower, DINOv2, ImageBind audio, any timm ViT or Hugging Face encoder) is
-wrapped so the method never knows which modality it runs on (DESIGN.md, "The SourceTransformer
+wrapped so the method never knows which modality it runs on (docs/method.md, "The SourceTransformer
 contract"). A wrapper exposes:
 
 - ``dim`` (C) and ``depth`` (number of blocks), ``blocks`` (an ``nn.ModuleList``);

@@ -1,11 +1,11 @@
-"""CLIP text tower (open_clip) as a frozen 1D source (paper sec. 3; DESIGN.md "The SourceTransformer
+"""CLIP text tower (open_clip) as a frozen 1D source (paper sec. 3; docs/method.md "The SourceTransformer
 contract").
 
 The paper's language source is the text encoder of OpenAI's CLIP ViT-L/14: 12 blocks of width 768
 and a 77-row positional-embedding table. The 3D tokens (B, T, C) run through its resblocks with full
 (bidirectional) attention within each sample: a causal mask orders words, and 3D tokens have no
 order. The official Any2Point code also calls these blocks without a mask, but feeds batch-first
-tokens into a sequence-first attention (DESIGN.md deviation 1); ``official_seq_first_bug: true``
+tokens into a sequence-first attention (docs/method.md deviation 1); ``official_seq_first_bug: true``
 reproduces that for loading released checkpoints and ablations.
 """
 from __future__ import annotations
@@ -17,11 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import open_clip
 import torch
 import torch.nn as nn
-from open_clip.model import CLIPTextCfg
-from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import Tensor
 
 from any2point.models.backbones.base import FFNHook, SourceTransformer, read_state_dict
@@ -99,12 +96,16 @@ class CLIPTextSource(SourceTransformer):
         pretrained: path of OpenAI's ``ViT-L-14.pt`` or of an open_clip checkpoint; ``None`` builds
             the tower at random init.
         official_seq_first_bug: reproduce the official code's attention across the batch at each
-            token position (DESIGN.md deviation 1) instead of across the tokens of each sample.
+            token position (docs/method.md deviation 1) instead of across the tokens of each sample.
     """
 
     def __init__(self, model_name: str = "ViT-L-14-quickgelu", width: Optional[int] = None,
                  depth: Optional[int] = None, heads: Optional[int] = None,
                  pretrained: Optional[str] = None, official_seq_first_bug: bool = False) -> None:
+        import open_clip
+        from open_clip.model import CLIPTextCfg
+        from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+
         super().__init__()
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:

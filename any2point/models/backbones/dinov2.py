@@ -1,4 +1,4 @@
-"""DINOv2 ViT-B/14 (timm) as a frozen 2D source (paper sec. 3; DESIGN.md "The SourceTransformer
+"""DINOv2 ViT-B/14 (timm) as a frozen 2D source (paper sec. 3; docs/method.md "The SourceTransformer
 contract").
 
 The paper's vision source is Meta's DINOv2 ViT-B/14 at 518 px: 12 blocks of width 768 with
@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import timm
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from any2point.models.backbones.base import FFNHook, SourceTransformer, read_state_dict
@@ -67,6 +65,9 @@ class DINOv2Source(SourceTransformer):
     def __init__(self, model_name: str = "vit_base_patch14_dinov2", img_size: int = 518,
                  embed_dim: Optional[int] = None, depth: Optional[int] = None,
                  num_heads: Optional[int] = None, pretrained: Optional[str] = None) -> None:
+        import timm
+        from timm.models.vision_transformer import Block, VisionTransformer
+
         super().__init__()
         overrides = {k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items()
                      if v is not None}

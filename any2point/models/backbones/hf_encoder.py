@@ -1,5 +1,5 @@
 """Any Hugging Face ``transformers`` text encoder as a frozen 1D source (paper sec. 3 and Table 6;
-DESIGN.md "The SourceTransformer contract", generic sources).
+docs/method.md "The SourceTransformer contract", generic sources).
 
 BERT, RoBERTa, MiniLM, ELECTRA, XLM-R, CLIP's and SigLIP's text towers, ...: the encoder's absolute
 position-embedding table (its rows after any offset, such as RoBERTa's padding rows) is the 1D
@@ -35,19 +35,17 @@ import importlib.util
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-import transformers
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from torch import Tensor
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from any2point.models.backbones.base import FFNHook, SourceTransformer
 from any2point.registry import MODELS, ConfigError
+
+if TYPE_CHECKING:  # the model library loads only when a source is built
+    from transformers import PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger("any2point")
 
@@ -96,6 +94,10 @@ def resolve_pretrained(ref: str, what: str, fetch: str) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     if _HUB_ID.match(ref) and not ref.startswith(("./", "../")):
         try:
             return Path(snapshot_download(ref, local_files_only=True))
@@ -133,6 +135,8 @@ def hf_config(folder: Optional[Path], architecture: Optional[dict], what: str) -
     names both describes the same model whether or not the weights are loaded, e.g. for
     ``tools/count_params.py``). Dual-encoder configs (CLIP, SigLIP) are compared on their text config.
     """
+    from transformers import AutoConfig
+
     if folder is None:
         if not architecture or "model_type" not in architecture:
             raise ConfigError(f"{what}: `pretrained: null` builds the model at random init from `architecture`, "
@@ -153,12 +157,16 @@ def hf_config(folder: Optional[Path], architecture: Optional[dict], what: str) -
 def build_hf_model(config: PretrainedConfig) -> PreTrainedModel:
     """The transformers base model of ``config`` at random init (transformers picks SDPA attention
     where the model supports it, as it does when loading)."""
+    from transformers import AutoModel
+
     return AutoModel.from_config(config)
 
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars (the caller checks the load strictly)."""
+    import transformers
+
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -181,6 +189,8 @@ def load_hf_model(folder: Path, used: Callable[[PreTrainedModel], list[nn.Module
     classifier) and base-model parts the source does not keep (word embeddings, pooler) do not apply
     to 3D tokens and are allowed.
     """
+    from transformers import AutoModel
+
     with _quiet_transformers():
         model, info = AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     kept = set()

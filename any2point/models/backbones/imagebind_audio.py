@@ -1,4 +1,4 @@
-"""ImageBind's audio encoder as a frozen 2D source (paper sec. 3; DESIGN.md "The SourceTransformer
+"""ImageBind's audio encoder as a frozen 2D source (paper sec. 3; docs/method.md "The SourceTransformer
 contract"), written here after ImageBind (Girdhar et al. 2023).
 
 ImageBind embeds a 128 mel x 204 frame spectrogram with a 16 x 16 convolution of stride 10 into a
@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import Tensor
 
 from any2point.models.backbones.base import FFNHook, SourceTransformer, read_state_dict
@@ -108,6 +107,8 @@ class ImageBindBlock(nn.Module):
     (B, T, C) -> (B, T, C). Child names follow ImageBind's checkpoint keys."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        from timm.layers import Mlp
+
         super().__init__()
         self.attn = BiasKVAttention(dim, num_heads)
         self.norm_1 = nn.LayerNorm(dim, eps=1e-6)

@@ -1,4 +1,4 @@
-"""Any timm Vision Transformer as a frozen 2D source (paper Table 6; DESIGN.md "The SourceTransformer
+"""Any timm Vision Transformer as a frozen 2D source (paper Table 6; docs/method.md "The SourceTransformer
 contract", generic sources): DeiT, ViT (AugReg, CLIP-style with ``norm_pre``), DINOv2 variants
 without register tokens, DeiT-III, EVA without rotary embeddings, ... by timm model name.
 
@@ -29,12 +29,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
-from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
-from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor
 
 from any2point.models.backbones.base import (FFNHook, SourceTransformer, check_state_dict_keys,
@@ -75,9 +71,13 @@ def _run_res_post_norm(block: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> 
     return hook(x, f) if hook is not None else x + f
 
 
-# Exact block types (subclasses may change the forward): the function that runs each.
-BLOCK_RUNNERS: dict[type, BlockRunner] = {Block: _run_pre_norm, EvaBlock: _run_eva,
-                                          ResPostBlock: _run_res_post_norm, EvaBlockPostNorm: _run_res_post_norm}
+def block_runners() -> dict[type, BlockRunner]:
+    """Exact block types (subclasses may change the forward): the function that runs each."""
+    from timm.models.eva import EvaBlock, EvaBlockPostNorm
+    from timm.models.vision_transformer import Block, ResPostBlock
+
+    return {Block: _run_pre_norm, EvaBlock: _run_eva, ResPostBlock: _run_res_post_norm,
+            EvaBlockPostNorm: _run_res_post_norm}
 
 
 def timm_weight_file(path: Path) -> Path:
@@ -94,6 +94,8 @@ def read_timm_checkpoint(path: Path) -> dict[str, Tensor]:
     """The tensors of a timm weight file (safetensors or ``torch.save``), unwrapped from a ``model`` /
     ``state_dict`` entry and from DDP's ``module.`` prefixes."""
     if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -125,6 +127,9 @@ class TimmViTSource(SourceTransformer):
     def __init__(self, model_name: str = "deit_base_patch16_224", img_size: Optional[int] = None,
                  embed_dim: Optional[int] = None, depth: Optional[int] = None, num_heads: Optional[int] = None,
                  pretrained: Optional[str] = None) -> None:
+        from timm.models.eva import Eva
+        from timm.models.vision_transformer import VisionTransformer
+
         super().__init__()
         self.model_name = model_name
         self._create_args = {k: v for k, v in dict(img_size=img_size, embed_dim=embed_dim, depth=depth,
@@ -134,9 +139,10 @@ class TimmViTSource(SourceTransformer):
         if not isinstance(vit, (VisionTransformer, Eva)):
             raise ValueError(f"{what} is a {type(vit).__name__}, not a timm VisionTransformer or Eva")
         kinds = {type(block) for block in vit.blocks}
-        if len(kinds) != 1 or next(iter(kinds)) not in BLOCK_RUNNERS:
+        runners = block_runners()
+        if len(kinds) != 1 or next(iter(kinds)) not in runners:
             raise ValueError(f"{what} has blocks {sorted(k.__name__ for k in kinds)}; this source runs "
-                             f"{', '.join(k.__name__ for k in BLOCK_RUNNERS)}")
+                             f"{', '.join(k.__name__ for k in runners)}")
         has_cls = vit.cls_token is not None
         if vit.num_prefix_tokens != int(has_cls):
             raise ValueError(f"{what} has {vit.num_prefix_tokens} prefix tokens (register or distillation "
@@ -154,7 +160,7 @@ class TimmViTSource(SourceTransformer):
         self.dim = vit.embed_dim
         self.blocks = vit.blocks
         self.depth = len(self.blocks)
-        self._run_block = BLOCK_RUNNERS[next(iter(kinds))]
+        self._run_block = runners[next(iter(kinds))]
         self.norm_pre = vit.norm_pre
         self._norm_name = "fc_norm" if isinstance(vit.norm, nn.Identity) else "norm"
         self.norm = getattr(vit, self._norm_name)
@@ -171,6 +177,8 @@ class TimmViTSource(SourceTransformer):
 
     def _create(self) -> nn.Module:
         """The full timm model at random init (never downloads: ``pretrained=False``)."""
+        import timm
+
         return timm.create_model(self.model_name, pretrained=False, num_classes=0, **self._create_args)
 
     def _tables(self, pos_embed: Tensor, cls_token: Optional[Tensor], no_embed_class: bool) -> dict[str, Tensor]:
