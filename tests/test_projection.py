@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from any2point.models.backbones.clip_text import CLIPTextSource
-from any2point.models.backbones.dinov2 import DINOv2Source
+from any2point.models.backbones.timm_vit import TimmViTSource
 from any2point.models.projection import (
     VirtualProjection,
     euler_to_matrix,
@@ -37,9 +37,9 @@ def clip_tiny() -> CLIPTextSource:
 
 
 @pytest.fixture(scope="module")
-def dinov2_tiny() -> DINOv2Source:
+def dinov2_tiny() -> TimmViTSource:
     torch.manual_seed(0)
-    return DINOv2Source(img_size=56, embed_dim=64, depth=2, num_heads=4)
+    return TimmViTSource("vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2, num_heads=4)
 
 
 def test_normalize_to_unit_sphere_centres_and_scales():
@@ -176,8 +176,8 @@ def test_virtual_pe_2d_is_the_mean_over_the_six_views(dinov2_tiny):
     expected = sample_table_2d(dinov2_tiny.pos_embed_2d, pixels, dinov2_tiny.plane_size).mean(1)
     assert out.positions.shape == (2, 6, 16, 2)
     torch.testing.assert_close(out.pe, expected)
-    cells, count = proj.cells(out.positions, "2d", None)
-    assert count == 16 and int(cells.max()) < 16
+    cells = proj.token_cells(out, "2d", None)
+    assert cells.shape == (2, 6, 16) and int(cells.max()) < 16
 
 
 def test_pe_variants(clip_tiny):
