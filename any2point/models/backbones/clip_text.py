@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.backbones.base import FFNHook, SourceTransformer, read_state_dict
+from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
+                                             read_state_dict, residual, single)
 from any2point.registry import MODELS
 
 WEIGHTS_SOURCE = ("OpenAI (https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84"
@@ -136,11 +137,11 @@ class CLIPTextSource(SourceTransformer):
         self.official_seq_first_bug = official_seq_first_bug
         if pretrained is not None:
             self.load_pretrained(pretrained)
-        self.freeze()
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """Block ``index`` on (B, T, C) -> (B, T, C), without attention mask; ``ffn_hook(x, f)``
-        replaces the FFN's residual add."""
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """Block ``index`` on (B, T, C) -> (B, T, C), without attention mask; the hooks replace the
+        residual adds of the attention and the FFN."""
         block = self.blocks[index]
         h = block.ln_1(x)
         if self.official_seq_first_bug:
@@ -148,9 +149,12 @@ class CLIPTextSource(SourceTransformer):
             a = block.attention(h.transpose(0, 1)).transpose(0, 1)
         else:
             a = block.attention(h)
-        x = x + block.ls_1(a)
-        f = block.ls_2(block.mlp(block.ln_2(x)))
-        return ffn_hook(x, f) if ffn_hook is not None else x + f
+        x = residual(attn_hook, x, block.ls_1(a))
+        return residual(ffn_hook, x, block.ls_2(block.mlp(block.ln_2(x))))
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """open_clip's ``nn.MultiheadAttention``: fused ``in_proj_weight`` and ``out_proj.weight``."""
+        return [fused_qkv("attn", "in_proj_weight", self.dim), single("attn", "out_proj.weight", "o", self.dim)]
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load the text tower out of an OpenAI TorchScript file or an open_clip checkpoint."""

@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.backbones.base import (FFNHook, SourceTransformer, check_state_dict_keys,
-                                             check_state_dict_shapes)
+from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer,
+                                             check_state_dict_keys, check_state_dict_shapes, fused_qkv,
+                                             residual, single)
 from any2point.models.backbones.hf_encoder import hf_download_hint, resolve_pretrained
 from any2point.registry import MODELS
 
-BlockRunner = Callable[[nn.Module, Tensor, Optional[FFNHook]], Tensor]
+BlockRunner = Callable[[nn.Module, Tensor, Optional[ResidualHook], Optional[ResidualHook]], Tensor]
 # Checkpoint keys of a timm ViT that do not apply to 3D tokens.
 _UNUSED_PREFIXES = (
     "patch_embed.",  # image patchifier: the 3D tokenizer produces the tokens instead
@@ -48,27 +49,27 @@ _UNUSED_PREFIXES = (
 TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
 
-def _run_pre_norm(block: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
-    """timm ``Block``: ``x + LS_1(Attn(N_1(x)))``, then ``hook(x, LS_2(MLP(N_2(x))))``."""
-    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-    f = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return hook(x, f) if hook is not None else x + f
+def _run_pre_norm(block: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+                  attn_hook: Optional[ResidualHook]) -> Tensor:
+    """timm ``Block``: ``x + LS_1(Attn(N_1(x)))``, then ``x + LS_2(MLP(N_2(x)))`` (hooks replace the adds)."""
+    x = residual(attn_hook, x, block.drop_path1(block.ls1(block.attn(block.norm1(x)))))
+    return residual(ffn_hook, x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
 
-def _run_eva(block: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
+def _run_eva(block: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+             attn_hook: Optional[ResidualHook]) -> Tensor:
     """timm ``EvaBlock`` (pre-norm, optional gammas): as :func:`_run_pre_norm`, without rotary embedding."""
     a = block.attn(block.norm1(x))
-    x = x + block.drop_path1(a if block.gamma_1 is None else block.gamma_1 * a)
+    x = residual(attn_hook, x, block.drop_path1(a if block.gamma_1 is None else block.gamma_1 * a))
     f = block.mlp(block.norm2(x))
-    f = block.drop_path2(f if block.gamma_2 is None else block.gamma_2 * f)
-    return hook(x, f) if hook is not None else x + f
+    return residual(ffn_hook, x, block.drop_path2(f if block.gamma_2 is None else block.gamma_2 * f))
 
 
-def _run_res_post_norm(block: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
-    """``ResPostBlock`` / ``EvaBlockPostNorm``: ``x + N_1(Attn(x))``, then ``hook(x, N_2(MLP(x)))``."""
-    x = x + block.drop_path1(block.norm1(block.attn(x)))
-    f = block.drop_path2(block.norm2(block.mlp(x)))
-    return hook(x, f) if hook is not None else x + f
+def _run_res_post_norm(block: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+                       attn_hook: Optional[ResidualHook]) -> Tensor:
+    """``ResPostBlock`` / ``EvaBlockPostNorm``: ``x + N_1(Attn(x))``, then ``x + N_2(MLP(x))``."""
+    x = residual(attn_hook, x, block.drop_path1(block.norm1(block.attn(x))))
+    return residual(ffn_hook, x, block.drop_path2(block.norm2(block.mlp(x))))
 
 
 def block_runners() -> dict[type, BlockRunner]:
@@ -173,7 +174,6 @@ class TimmViTSource(SourceTransformer):
         if pretrained is not None:
             fetch = f"{hf_download_hint(pretrained)}, or fetch the weight file named in the model's timm pretrained_cfg"
             self.load_pretrained(resolve_pretrained(pretrained, f"TimmViTSource '{model_name}'", fetch))
-        self.freeze()
 
     def _create(self) -> nn.Module:
         """The full timm model at random init (never downloads: ``pretrained=False``)."""
@@ -192,12 +192,22 @@ class TimmViTSource(SourceTransformer):
             tables["cls_pos_embed"] = pos_embed[:, :1].clone() if prefix else torch.zeros_like(tables["cls_token"])
         return tables
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """Block ``index`` on (B, T, C) -> (B, T, C); block 0 first applies ``norm_pre``.
-        ``ffn_hook(x, f)`` replaces the FFN's residual add."""
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """Block ``index`` on (B, T, C) -> (B, T, C); block 0 first applies ``norm_pre``. The hooks
+        replace the residual adds of the attention and the FFN."""
         if index == 0:
             x = self.norm_pre(x)
-        return self._run_block(self.blocks[index], x, ffn_hook)
+        return self._run_block(self.blocks[index], x, ffn_hook, attn_hook)
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """timm attention: a fused ``qkv`` Linear (or EVA's ``q_proj`` / ``k_proj`` / ``v_proj``) and ``proj``."""
+        attn = self.blocks[index].attn
+        if getattr(attn, "qkv", None) is not None:
+            weights = [fused_qkv("attn.qkv", "weight", self.dim)]
+        else:
+            weights = [single(f"attn.{t}_proj", "weight", t, self.dim) for t in "qkv"]
+        return weights + [single("attn.proj", "weight", "o", self.dim)]
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load a timm checkpoint (a file, or a folder holding one) strictly: timm's converter for the
