@@ -37,6 +37,7 @@ from any2point.engine import checkpoint, distributed
 from any2point.engine.log import setup_logging
 from any2point.engine.metrics import Metrics
 from any2point.engine.tasks import ClassificationTask, build_task
+from any2point.errors import CheckpointError
 from any2point.models import build_model
 from any2point.registry import ConfigError
 
@@ -50,12 +51,24 @@ RESULTS = "results.json"
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU; a device this machine
+    does not have is a :class:`ConfigError`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", distributed.local_rank())
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device='{name}' is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name} but CUDA is not available on this machine; "
+                              f"use train.device=cpu or train.device=auto")
+        if device.index is None:
+            device = torch.device("cuda", distributed.local_rank())
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"train.device={name}: only auto, cpu and cuda devices are supported")
     return device
 
 
@@ -208,29 +221,45 @@ def write_results(record: dict[str, Any], path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None,
-               device: Optional[torch.device] = None) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
+def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None, device: Optional[torch.device] = None,
+               ignore_source_mismatch: bool = False) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
     """The model of a checkpoint, in eval mode: built from ``cfg`` (default: the checkpoint's own
-    config), its trainable state loaded strictly, its source checked against the saved identity."""
+    config), its source checked against the saved identity, its trainable state loaded strictly."""
     ckpt = checkpoint.load(ckpt_path)
     if cfg is None:
         cfg = OmegaConf.create(ckpt["config"])
         validate(cfg)
     device = device or pick_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
+    check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
     checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))
-    check_source(model, ckpt.get("source"))
     return model.eval(), cfg, ckpt
 
 
-def check_source(model: nn.Module, saved: Optional[dict[str, Any]]) -> None:
-    """The source weights the config loads must be those the checkpoint was trained on."""
+def _describe_source(identity: dict[str, Any]) -> str:
+    if not identity.get("sha256"):
+        return f"{identity.get('name')} at random init (no weight file)"
+    return f"{identity.get('name')} from {identity.get('weights')} (sha256 {identity['sha256']})"
+
+
+def check_source(saved: Optional[dict[str, Any]], model: nn.Module, ckpt_path: str | Path,
+                 ignore: bool = False) -> None:
+    """Refuse a checkpoint whose source (name and weight-file sha256) differs from the model's, both
+    ways: real weights vs random init, or another file. ``ignore`` turns the error into a warning."""
     identity = getattr(model, "source_identity", None)
     if saved is None or identity is None:
-        return
+        return  # a model without a pretrained source (e.g. PointNet)
     now = identity()
-    if saved.get("sha256") and now.get("sha256") and saved["sha256"] != now["sha256"]:
-        raise ValueError(f"the checkpoint was trained on source weights {saved} but the config loads {now}")
+    if (saved.get("name"), saved.get("sha256")) == (now.get("name"), now.get("sha256")):
+        return
+    message = (f"checkpoint {ckpt_path} was trained with source {_describe_source(saved)}, but the config builds "
+               f"{_describe_source(now)}")
+    if ignore:
+        logger.warning("%s; continuing anyway (--ignore-source-mismatch)", message)
+        return
+    hint = (f"set model.source.pretrained to {saved.get('weights')}" if saved.get("sha256")
+            else "set model.source.pretrained=null")
+    raise CheckpointError(f"{message}; {hint}, or pass --ignore-source-mismatch")
 
 
 def log_test(m: Metrics, class_names: list[str], votes: int, where: str) -> None:
@@ -243,13 +272,14 @@ def log_test(m: Metrics, class_names: list[str], votes: int, where: str) -> None
 
 
 def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, vote_seed: int = 0,
-                    results: str = RESULTS) -> Metrics:
+                        results: str = RESULTS, ignore_source_mismatch: bool = False) -> Metrics:
     """Test a checkpoint on the test split of ``cfg``'s dataset, with ``vote``-pass voting when
-    ``vote > 1``; log the number with its voting and write ``results`` next to the checkpoint."""
+    ``vote > 1``; log the number with its voting and write ``results`` next to the checkpoint.
+    ``ignore_source_mismatch``: see :func:`check_source`."""
     device = pick_device(cfg.train.device)
     distributed.init(device)
     setup_logging()
-    model, cfg, ckpt = load_model(ckpt_path, cfg, device)
+    model, cfg, ckpt = load_model(ckpt_path, cfg, device, ignore_source_mismatch)
     world = distributed.world_size()
     test = (voting_dataset(cfg.dataset, "test", vote, vote_seed) if vote > 1
             else build_dataset(cfg.dataset, "test"))
