@@ -13,7 +13,7 @@ import yaml
 
 from any2point import build_model, load_config
 from any2point.engine.trainer import Trainer
-from tools.visualize import FIGURES, cls_attention, kmeans_1d, main, pe_similarity, record_outputs
+from tools.visualize import FIGURES, cls_attention, cls_similarity, kmeans_1d, main, pe_similarity
 
 BERT = {"type": "HFEncoderSource", "pretrained": None, "cls_token_id": 1,
         "architecture": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -21,7 +21,8 @@ BERT = {"type": "HFEncoderSource", "pretrained": None, "cls_token_id": 1,
 SOURCES = {
     "bert": BERT,
     "clip_text": {"type": "CLIPTextSource", "width": 32, "depth": 2, "heads": 4},
-    "dinov2": {"type": "DINOv2Source", "img_size": 56, "embed_dim": 32, "depth": 2, "num_heads": 4},
+    "dinov2": {"type": "TimmViTSource", "model_name": "vit_base_patch14_dinov2", "img_size": 56, "embed_dim": 32,
+               "depth": 2, "num_heads": 4},
     "imagebind_audio": {"type": "ImageBindAudioSource", "embed_dim": 32, "depth": 2, "num_heads": 4,
                         "num_mel_bins": 36, "target_len": 56},
 }
@@ -29,12 +30,12 @@ SOURCES = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def any2point(source: str) -> torch.nn.Module:
+def any2point(source: str, tuner: dict | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    adapter = {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}
+    tuner = tuner or {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}
     if source == "bert":
-        adapter["cell_size"] = 8
-    return build_model({"type": "Any2Point", "num_classes": 3, "source": SOURCES[source], "adapter": adapter,
+        tuner["cell_size"] = 8
+    return build_model({"type": "Any2Point", "num_classes": 3, "source": SOURCES[source], "tuner": tuner,
                         "tokenizer": {"type": "PointPNTokenizer", "k": 8}}).eval()
 
 
@@ -49,7 +50,7 @@ def any2point_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("a2p")
     cfg = {"model": {"type": "Any2Point", "num_classes": 3, "source": BERT,
                      "tokenizer": {"type": "PointPNTokenizer", "k": 8},
-                     "adapter": {"type": "GuidedAdapter", "bottleneck": 4, "cell_size": 8}},
+                     "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "cell_size": 8}},
            "dataset": {"type": "SyntheticShapes", "num_points": 128, "train_size": 32, "val_size": 6, "test_size": 12,
                        "classes": ["sphere", "box", "torus"]},
            "scheduler": {"type": "CosineWarmup", "warmup_epochs": 0},
@@ -90,14 +91,14 @@ def test_curves_from_log_alone_and_errors(any2point_run: Path, tmp_path: Path,
     assert "--point 100000" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("source", sorted(SOURCES))
-def test_cls_attention_equals_hand_computation(source: str) -> None:
-    model = any2point(source)
+@pytest.mark.parametrize("source,prompts", [(s, 0) for s in sorted(SOURCES)] + [("dinov2", 3)])
+def test_cls_attention_equals_hand_computation(source: str, prompts: int) -> None:
+    model = any2point(source, {"type": "PromptTuning", "num_prompts": prompts} if prompts else None)
     block = model.source.blocks[-1]
     heads = 4
     attn = next(m for m in block.modules() if isinstance(m, torch.nn.MultiheadAttention) or type(m).__name__ in
                 ("Attention", "BiasKVAttention", "BertSelfAttention"))
-    with record_outputs(model.tokenizer) as _, torch.no_grad():
+    with torch.no_grad():
         inputs = []
         handle = attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
         centres, got = cls_attention(model, cloud(), -1)
@@ -115,8 +116,21 @@ def test_cls_attention_equals_hand_computation(source: str) -> None:
     q, k = q.reshape(t, heads, -1).transpose(0, 1), k.reshape(len(k), heads, -1).transpose(0, 1)
     probs = (q @ k.transpose(1, 2) / (c // heads) ** 0.5).softmax(-1).mean(0)
     g = len(centres)
-    assert centres.shape == (g, 3) and got.shape == (g,) and t == g + 1
-    torch.testing.assert_close(got, probs[0, 1:1 + g], rtol=1e-4, atol=1e-6)
+    assert centres.shape == (g, 3) and got.shape == (g,) and t == 1 + prompts + g
+    torch.testing.assert_close(got, probs[0, 1 + prompts:1 + prompts + g], rtol=1e-4, atol=1e-6)
+
+
+def test_cls_similarity_of_final_features() -> None:
+    model = any2point("dinov2", {"type": "PromptTuning", "num_prompts": 2})
+    points = cloud()
+    normed = []
+    handle = model.source.norm.register_forward_hook(lambda m, args, out: normed.append(out))
+    with torch.no_grad():
+        centres, similarity = cls_similarity(model, points)
+    handle.remove()
+    x = normed[0][0]  # (1 + prompts + G, C): [CLS], the 2 prompts, the point tokens
+    assert x.shape[0] == 3 + len(centres)
+    torch.testing.assert_close(similarity, F.cosine_similarity(x[3:], x[:1], dim=-1))
 
 
 def test_kmeans_1d_against_brute_force() -> None:

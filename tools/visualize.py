@@ -17,8 +17,9 @@ Figures (``--figures``, comma-separated, default ``all``):
 - ``pe`` (paper Fig. 7): the cosine similarity of one point's (``--point``) virtual-projection
   positional embedding to every other point's, per view (line or 2D view) and averaged over views.
 
-The model is read through forward hooks (the source's attention module, the tokenizer, the final
-norm) and the projection's public geometry, so no model code changes to draw them. One cloud is
+The attention is read through forward hooks on the source block's attention module, the features
+through the model's ``encode`` and the PE through the projection's public geometry, so no model
+code changes to draw them. One cloud is
 drawn: test item ``--sample`` of the checkpoint's dataset, or ``--file`` prepared as
 ``tools/predict.py`` prepares it.
 """
@@ -79,26 +80,26 @@ def _sdpa_probs(query: Tensor, key: Tensor, value: Tensor = None, attn_mask: Opt
     return logits.softmax(-1)
 
 
-def attention_module(block: nn.Module) -> nn.Module:
-    """A block's self-attention: its ``nn.MultiheadAttention``, else its outermost module whose
-    class name contains ``Attention`` (timm, Hugging Face, ImageBind)."""
+def attention_modules(block: nn.Module) -> list[nn.Module]:
+    """A block's self-attention: its ``nn.MultiheadAttention``, else every module whose class name
+    contains ``Attention`` (timm, Hugging Face, ImageBind; a source may call an inner one directly)."""
     for module in block.modules():
         if isinstance(module, nn.MultiheadAttention):
-            return module
-    for module in block.modules():
-        if module is not block and "attention" in type(module).__name__.lower():
-            return module
-    raise ValueError(f"{type(block).__name__} has no attention module to read the attention of")
+            return [module]
+    found = [m for m in block.modules() if m is not block and "attention" in type(m).__name__.lower()]
+    if not found:
+        raise ValueError(f"{type(block).__name__} has no attention module to read the attention of")
+    return found
 
 
 @contextmanager
 def record_attention(block: nn.Module) -> Iterator[list[Tensor]]:
     """Inside the context, every call of ``block``'s attention appends its probabilities
-    ``(B, H, T, S)`` to the yielded list (forward hooks on the attention module)."""
-    module = attention_module(block)
+    ``(B, H, T, S)`` to the yielded list (forward hooks on the attention modules)."""
+    modules = attention_modules(block)
     maps: list[Tensor] = []
     handles = []
-    if isinstance(module, nn.MultiheadAttention):
+    if isinstance(modules[0], nn.MultiheadAttention):
         busy = [False]
 
         def again_with_weights(mod, args, kwargs, output):
@@ -111,18 +112,24 @@ def record_attention(block: nn.Module) -> Iterator[list[Tensor]]:
                 busy[0] = False
             maps.append(weights.detach().float())
 
-        handles.append(module.register_forward_hook(again_with_weights, with_kwargs=True))
+        handles.append(modules[0].register_forward_hook(again_with_weights, with_kwargs=True))
     else:
         recorder = _AttentionRecorder(maps)
+        depth = [0]  # nested attention modules (an outer one calling an inner one) record once
 
         def start(*_: Any) -> None:
-            recorder.__enter__()
+            depth[0] += 1
+            if depth[0] == 1:
+                recorder.__enter__()
 
         def stop(*_: Any) -> None:
-            recorder.__exit__(None, None, None)
+            depth[0] -= 1
+            if depth[0] == 0:
+                recorder.__exit__(None, None, None)
 
-        handles.append(module.register_forward_pre_hook(start))
-        handles.append(module.register_forward_hook(stop))
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(start))
+            handles.append(module.register_forward_hook(stop))
     try:
         yield maps
     finally:
@@ -130,44 +137,28 @@ def record_attention(block: nn.Module) -> Iterator[list[Tensor]]:
             handle.remove()
 
 
-@contextmanager
-def record_outputs(module: nn.Module) -> Iterator[list[Any]]:
-    """Inside the context, every output of ``module`` is appended to the yielded list."""
-    outputs: list[Any] = []
-    handle = module.register_forward_hook(lambda mod, args, out: outputs.append(out))
-    try:
-        yield outputs
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def cls_attention(model: nn.Module, points: Tensor, layer: int = -1) -> tuple[Tensor, Tensor]:
     """Token centres ``(G, 3)`` and the [CLS] token's attention to each point token ``(G,)``
-    (heads averaged) in source block ``layer``, for one cloud ``(N, 3)``."""
-    block = model.source.blocks[layer]
-    with record_outputs(model.tokenizer) as tokenized, record_attention(block) as maps:
-        model(points[None])
-    centres = tokenized[0][0][0]
+    (heads averaged) in source block ``layer``, for one cloud ``(N, 3)``. The [CLS] token is the
+    first of the sequence and the point tokens its last ``G`` (prompt tokens, if any, in between)."""
+    with record_attention(model.source.blocks[layer]) as maps:
+        centres = model.encode(points[None]).centres[0]
     if not maps:
         raise ValueError(f"block {layer} of the source made no attention call that could be recorded")
-    probs = maps[0].mean(1)[0]  # (T, S)
-    num_tokens = len(centres)
-    if probs.shape[0] != 1 + num_tokens:
-        raise ValueError(f"block {layer} attends over {probs.shape[0]} tokens, expected [CLS] + {num_tokens} "
-                         f"point tokens")
-    return centres, probs[0, 1:1 + num_tokens]
+    probs = maps[0].mean(1)[0]  # (T, S): queries, keys (S > T with learned bias keys after the tokens)
+    tokens, num_points = probs.shape[0], len(centres)
+    if tokens < 1 + num_points:
+        raise ValueError(f"block {layer} attends over {tokens} tokens, fewer than [CLS] + {num_points} point tokens")
+    return centres, probs[0, tokens - num_points:tokens]
 
 
 @torch.no_grad()
 def cls_similarity(model: nn.Module, points: Tensor) -> tuple[Tensor, Tensor]:
-    """Token centres ``(G, 3)`` and the cosine similarity of each point token's final feature to the
-    [CLS] token's ``(G,)`` (the output of the model's final norm)."""
-    with record_outputs(model.tokenizer) as tokenized, record_outputs(model.norm) as normed:
-        model(points[None])
-    centres = tokenized[0][0][0]
-    x = normed[-1][0].float()
-    return centres, F.cosine_similarity(x[1:1 + len(centres)], x[:1], dim=-1)
+    """Token centres ``(G, 3)`` and the cosine similarity of each point token's final (normed)
+    feature to the [CLS] token's ``(G,)``, for one cloud ``(N, 3)``."""
+    encoded = model.encode(points[None])
+    return encoded.centres[0], F.cosine_similarity(encoded.tokens[0].float(), encoded.cls[0:1].float(), dim=-1)
 
 
 def kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 100) -> np.ndarray:
@@ -399,7 +390,7 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
         from any2point.engine.evaluate import load_model
 
         model, cfg, _ = load_model(ckpt, device=torch.device("cpu"))
-        if not hasattr(model, "source") or not hasattr(model, "projection"):
+        if not all(hasattr(model, name) for name in ("source", "projection", "encode")):
             raise ValueError(f"figures {', '.join(MODEL_FIGURES)} need an Any2Point model; {ckpt} holds a "
                              f"{cfg.model.type}")
         cloud = _cloud(cfg, ckpt, sample, file)
