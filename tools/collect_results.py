@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from any2point.errors import UserError, run_cli
+
 SEED_SUFFIX = re.compile(r"[-_.]seed\d+$")
 MISSING = object()
 
@@ -52,9 +54,9 @@ def load_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable results file ({e})") from e
+        raise UserError(f"{path}: not a readable results file ({e})") from e
     if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
-        raise ValueError(f"{path}: not a results file (no 'metrics' mapping)")
+        raise UserError(f"{path}: not a results file (no 'metrics' mapping)")
     record["_path"] = str(path)
     return record
 
@@ -81,7 +83,7 @@ def group_label(record: dict[str, Any], keys: Sequence[str]) -> str:
     for key in keys:
         value = lookup(record, key)
         if value is MISSING:
-            raise KeyError(f"{record['_path']}: has no key '{key}' (in the record or its config)")
+            raise UserError(f"{record['_path']}: has no key '{key}' (in the record or its config)")
         parts.append(f"{key}={value}" if len(keys) > 1 else str(value))
     return ", ".join(parts)
 
@@ -159,7 +161,7 @@ def parse_references(items: Sequence[str]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not group:
-            raise ValueError(f"--ref '{item}' is not of the form GROUP=NUMBER")
+            raise UserError(f"--ref '{item}' is not of the form GROUP=NUMBER")
     return refs
 
 
@@ -172,15 +174,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ref", action="append", default=[], metavar="GROUP=OA", help="a reference OA of a group")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
-    try:
-        refs = parse_references(args.ref)
-        records = [load_record(p) for p in find_results(args.experiments, args.file)]
-        keys = [k.strip() for k in args.group_by.split(",") if k.strip()]
-        rows = summarize(records, keys, refs)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: collect(args), debug=args.debug)
+
+
+def collect(args: argparse.Namespace) -> None:
+    """Read, group, print and write the table."""
+    refs = parse_references(args.ref)
+    records = [load_record(p) for p in find_results(args.experiments, args.file)]
+    keys = [k.strip() for k in args.group_by.split(",") if k.strip()]
+    rows = summarize(records, keys, refs)
     unknown = sorted(set(refs) - {r["group"] for r in rows})
     if unknown:
         print(f"warning: --ref names groups with no runs: {', '.join(unknown)}", file=sys.stderr)
@@ -191,7 +195,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.markdown.write_text(table)
     if args.csv:
         write_csv(rows, args.csv)
-    return 0
 
 
 if __name__ == "__main__":

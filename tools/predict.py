@@ -27,7 +27,7 @@ from any2point.datasets import build_dataset, build_transforms
 from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES, DataError, normalize_unit_sphere, read_shape_file
 from any2point.datasets.transforms import FPSResample
 from any2point.engine.evaluate import load_model
-from any2point.registry import ConfigError
+from any2point.errors import run_cli
 
 SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 DEFAULT_POINTS = 2048
@@ -117,15 +117,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of mesh sampling and random test transforms")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the checkpoint config's train.device)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
-    try:
-        records = run(args.ckpt, args.paths, args.top_k, args.num_points, not args.no_normalize, args.seed,
-                      args.device)
-    except (ConfigError, DataError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: report(args), debug=args.debug)
+
+
+def report(args: argparse.Namespace) -> int:
+    """Classify and print; 1 if a file could not be classified."""
+    records = run(args.ckpt, args.paths, args.top_k, args.num_points, not args.no_normalize, args.seed, args.device)
     failed = [r for r in records if "error" in r]
     if args.json:
         print(json.dumps({"checkpoint": args.ckpt, "results": records}, indent=2))

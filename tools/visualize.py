@@ -43,6 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
+from any2point.errors import UserError, run_cli  # noqa: E402
+
 FIGURES = ("confusion", "per_class", "curves", "attention", "clusters", "pe")
 MODEL_FIGURES = ("attention", "clusters", "pe")
 
@@ -88,7 +90,7 @@ def attention_modules(block: nn.Module) -> list[nn.Module]:
             return [module]
     found = [m for m in block.modules() if m is not block and "attention" in type(m).__name__.lower()]
     if not found:
-        raise ValueError(f"{type(block).__name__} has no attention module to read the attention of")
+        raise UserError(f"{type(block).__name__} has no attention module to read the attention of")
     return found
 
 
@@ -145,11 +147,11 @@ def cls_attention(model: nn.Module, points: Tensor, layer: int = -1) -> tuple[Te
     with record_attention(model.source.blocks[layer]) as maps:
         centres = model.encode(points[None]).centres[0]
     if not maps:
-        raise ValueError(f"block {layer} of the source made no attention call that could be recorded")
+        raise UserError(f"block {layer} of the source made no attention call that could be recorded")
     probs = maps[0].mean(1)[0]  # (T, S): queries, keys (S > T with learned bias keys after the tokens)
     tokens, num_points = probs.shape[0], len(centres)
     if tokens < 1 + num_points:
-        raise ValueError(f"block {layer} attends over {tokens} tokens, fewer than [CLS] + {num_points} point tokens")
+        raise UserError(f"block {layer} attends over {tokens} tokens, fewer than [CLS] + {num_points} point tokens")
     return centres, probs[0, tokens - num_points:tokens]
 
 
@@ -280,7 +282,7 @@ def read_curves(exp_dir: Path) -> dict[str, list[tuple[int, float]]]:
             curves.setdefault(f"{m[5]}/OA", []).append((step, float(m[6])))
             curves.setdefault(f"{m[5]}/mAcc", []).append((step, float(m[7])))
     if not curves:
-        raise ValueError(f"{log}: holds no epoch lines to draw curves from")
+        raise UserError(f"{log}: holds no epoch lines to draw curves from")
     return curves
 
 
@@ -369,7 +371,7 @@ def _cloud(model_cfg: Any, ckpt: Path, sample: int, file: Optional[str]) -> Tens
 
     test = build_dataset(model_cfg.dataset, "test")
     if not 0 <= sample < len(test):
-        raise ValueError(f"--sample {sample} is outside the test split (0..{len(test) - 1})")
+        raise UserError(f"--sample {sample} is outside the test split (0..{len(test) - 1})")
     return test[sample]["points"]
 
 
@@ -391,7 +393,7 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
 
         model, cfg, _ = load_model(ckpt, device=torch.device("cpu"))
         if not all(hasattr(model, name) for name in ("source", "projection", "encode")):
-            raise ValueError(f"figures {', '.join(MODEL_FIGURES)} need an Any2Point model; {ckpt} holds a "
+            raise UserError(f"figures {', '.join(MODEL_FIGURES)} need an Any2Point model; {ckpt} holds a "
                              f"{cfg.model.type}")
         cloud = _cloud(cfg, ckpt, sample, file)
         xyz = cloud.numpy()
@@ -404,7 +406,7 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
             written.append(plot_clusters(xyz, centres.numpy(), similarity.numpy(), out / "clusters.png"))
         if "pe" in figures:
             if not 0 <= point < len(xyz):
-                raise ValueError(f"--point {point} is outside the cloud (0..{len(xyz) - 1})")
+                raise UserError(f"--point {point} is outside the cloud (0..{len(xyz) - 1})")
             views, mean = pe_similarity(model, cloud, point)
             kind = "line" if model.source.modality_dim == 1 else "view"
             written.append(plot_pe(xyz, views.numpy(), mean.numpy(), point, out / "pe_similarity.png", kind))
@@ -422,6 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--file", help="a shape file to draw instead of a test item")
     parser.add_argument("--layer", type=int, default=-1, help="source block of the attention figure (default last)")
     parser.add_argument("--point", type=int, default=0, help="the point whose PE is compared (pe figure)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
     figures = list(FIGURES) if args.figures == "all" else [f.strip() for f in args.figures.split(",")]
     unknown = sorted(set(figures) - set(FIGURES))
@@ -430,18 +433,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ckpt is None and (set(figures) - {"curves"} or args.exp is None):
         parser.error("--ckpt is required (only --figures curves works with --exp alone)")
     out = args.out or (args.exp or args.ckpt.parent) / "figures"
-    from any2point.datasets.io import DataError
-    from any2point.registry import ConfigError
 
-    try:
-        written = draw(figures, out, args.ckpt, args.exp, args.results, args.sample, args.file, args.layer,
-                       args.point)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
+    def run() -> None:
+        for path in draw(figures, out, args.ckpt, args.exp, args.results, args.sample, args.file, args.layer,
+                         args.point):
+            print(path)
+
+    return run_cli(run, debug=args.debug)
 
 
 if __name__ == "__main__":
