@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without pip install
 from any2point import build_model, load_config  # noqa: E402
 from any2point.engine.optim import build_optimizer  # noqa: E402
 from any2point.engine.trainer import autocast  # noqa: E402
+from any2point.utils.cpu_memory import keep_freed_memory  # noqa: E402
 
 STAGES = ("tokenizer", "projection", "blocks", "adapters", "head", "other")
 # Source files of the model -> stage; the innermost matching frame of a call decides.
@@ -82,6 +83,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in training)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (the trainer keeps freed memory for reuse)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-stage step")
     parser.add_argument("--no-memory-process", action="store_true",
                         help="CPU: skip the fresh process that measures peak resident memory")
@@ -309,6 +312,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.system_malloc:
+        keep_freed_memory()
     step = Step(args)
     if args.memory_only:
         before = current_rss_bytes()
@@ -330,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "config": args.config, "device": args.device, "machine": machine_name(),
         "threads": args.threads, "batch_size": args.batch_size, "points": args.points, "amp": args.amp,
-        "compile": args.compile, "repeats": args.repeats,
+        "compile": args.compile, "repeats": args.repeats, "system_malloc": args.system_malloc,
         "step_s_median": round(median, 4), "step_s_min": round(min(times), 4),
         "samples_per_s": round(args.batch_size / median, 2),
         "flops_per_step": flops, "matmul_flops_per_s": round(peak_rate),

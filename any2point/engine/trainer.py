@@ -31,6 +31,7 @@ from any2point.engine.metrics import Metrics, confusion_matrix
 from any2point.engine.optim import build_optimizer, build_scheduler
 from any2point.models import build_model
 from any2point.registry import ConfigError
+from any2point.utils.cpu_memory import keep_freed_memory
 
 logger = logging.getLogger("any2point")
 
@@ -124,6 +125,8 @@ class Trainer:
         t = cfg.train
         self.device = pick_device(t.device)
         distributed.init(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.exp_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
         self._check_exp_dir(resume)
         setup_logging(self.exp_dir / "log.txt")
@@ -154,6 +157,8 @@ class Trainer:
         self.net: nn.Module = self.model
         if world > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.net = torch.compile(self.net)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, t.epochs, len(self.train_loader))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
