@@ -274,7 +274,7 @@ def stage_breakdown(step: Step) -> dict[str, dict[str, Any]]:
     for stage in STAGES:
         seconds, flops = timer.seconds.get(stage, 0.0), timer.flops.get(stage, 0)
         if seconds or flops:
-            out[stage] = {"s": round(seconds, 4), "share": round(seconds / total, 4), "gflop": round(flops / 1e9, 3),
+            out[stage] = {"s": round(seconds, 4), "share": round(seconds / total, 4), "flops": flops,
                           "gflop_per_s": round(flops / 1e9 / seconds, 2) if seconds else None}
     out["optimizer"] = {"s": round(optimizer_s, 4), "share": round(optimizer_s / total, 4)}
     return out

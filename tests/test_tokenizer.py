@@ -18,6 +18,9 @@ def test_paper_configuration_has_276672_parameters():
     assert [s.width for s in tokenizer.stages] == [192, 384, 768]
     assert [len(s.blocks) for s in tokenizer.stages] == [2, 1, 1]
     assert [s.blocks[0].net1[0].out_channels for s in tokenizer.stages] == [96, 192, 32]
+    plain = PointPNTokenizer(dim=768, k=81, recompute=False)
+    assert sum(p.numel() for p in plain.parameters()) == 276_672
+    assert [s.recompute for s in plain.stages] == [False] * 3 and all(s.recompute for s in tokenizer.stages)
 
 
 def test_output_shapes_and_centres_are_input_points():
