@@ -4,19 +4,16 @@
     python main.py --config cfgs/demo.yaml --resume                 # continue a killed run
     python main.py --test --ckpt experiments/demo/ckpt-best.pth     # evaluate a checkpoint
     torchrun --nproc_per_node=N main.py --config ...                # several GPUs (or CPU processes)
+
+A mistake (a config key, a file, a flag) ends with one line "error: ..." and exit code 2; --debug
+or ANY2POINT_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from omegaconf import OmegaConf
-
-from any2point.config import load_config, validate
-from any2point.datasets.io import DataError
-from any2point.engine import checkpoint, distributed
-from any2point.engine.trainer import Trainer, evaluate_checkpoint
-from any2point.registry import ConfigError
+from any2point.errors import run_cli
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -25,17 +22,43 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--test", action="store_true", help="evaluate --ckpt on the test split instead of training")
     p.add_argument("--ckpt", help="checkpoint to evaluate with --test")
     p.add_argument("--resume", action="store_true", help="continue the experiment from its ckpt-last.pth")
+    p.add_argument("--resume-from", metavar="PATH",
+                   help="continue the experiment from this checkpoint instead (e.g. its ckpt-best.pth)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty the experiment folder first if it holds anything (an earlier run is lost)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue under a config that differs from the checkpoint's (the "
+                        "differences are logged and recorded in config.yaml)")
+    p.add_argument("--ignore-source-mismatch", action="store_true",
+                   help="use a checkpoint with other source weights than it was trained with (a warning)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (a new key: +key=value)")
     args = p.parse_args(argv)
+    resuming = args.resume or args.resume_from is not None
     if args.test and not args.ckpt:
         p.error("--test needs --ckpt PATH")
+    if args.ckpt and not args.test:
+        p.error("--ckpt is only read with --test; to continue training use --resume or --resume-from PATH")
+    if args.test and (resuming or args.overwrite or args.allow_config_change):
+        p.error("--test evaluates a checkpoint; --resume, --resume-from, --overwrite and --allow-config-change "
+                "are training flags")
     if not args.test and not args.config:
         p.error("--config is required for training")
+    if resuming and args.overwrite:
+        p.error("--overwrite empties the experiment folder, so there is nothing left to --resume")
+    if args.allow_config_change and not resuming:
+        p.error("--allow-config-change only applies with --resume or --resume-from")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(args: argparse.Namespace) -> None:
+    """Load the config (validated before anything is built or written), then train or evaluate."""
+    from omegaconf import OmegaConf
+
+    from any2point.config import load_config, validate
+    from any2point.engine import checkpoint, distributed
+    from any2point.engine.trainer import Trainer, evaluate_checkpoint
+
     try:
         if args.config:
             cfg = load_config(args.config, args.overrides)
@@ -43,18 +66,22 @@ def main(argv: list[str] | None = None) -> int:
             cfg = OmegaConf.create(checkpoint.load(args.ckpt)["config"])
             validate(cfg)
         if args.test:
-            evaluate_checkpoint(cfg, args.ckpt)
+            evaluate_checkpoint(cfg, args.ckpt, ignore_source_mismatch=args.ignore_source_mismatch)
         else:
-            Trainer(cfg, resume=args.resume).fit()
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            Trainer(cfg, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite,
+                    allow_config_change=args.allow_config_change,
+                    ignore_source_mismatch=args.ignore_source_mismatch).fit()
+    finally:
+        distributed.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_cli(lambda: run(args), debug=args.debug)
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch is in ckpt-last.pth; continue with --resume", file=sys.stderr)
         return 130
-    finally:
-        distributed.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

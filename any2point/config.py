@@ -37,9 +37,23 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text with :class:`_Loader`."""
-    return yaml.load(text, Loader=_Loader)
+def parse_yaml(text: str, where: str = "YAML text") -> Any:
+    """Parse YAML text with :class:`_Loader`; a syntax error names ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in {where}{at}: {problem}") from None
+
+
+class FieldError(ConfigError):
+    """An impossible value of one field of a config section (the section adds its name and file)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key} {problem}")
+        self.key, self.problem = key, problem
 
 
 @dataclass
@@ -72,7 +86,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in ("honest", "paper"):
-            raise ConfigError(f"train.protocol must be 'honest' or 'paper', got '{self.protocol}'")
+            raise FieldError("protocol", f"must be 'honest' or 'paper', got '{self.protocol}'")
+        for key in ("epochs", "batch_size", "test_batch_size", "eval_every"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise FieldError(key, f"must be at least 1, got {value}")
+        if self.num_workers < 0:
+            raise FieldError("num_workers", f"must be 0 or more, got {self.num_workers}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FieldError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -102,7 +124,7 @@ def origin_of(node: DictConfig, key: str) -> Optional[str]:
     while full:
         if full in provenance:
             return provenance[full]
-        full = full.rpartition(".")[0]
+        full = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", full)  # "a.b[1].c" -> "a.b[1]" -> "a.b" -> "a"
     return None
 
 
@@ -126,7 +148,7 @@ def _read_tree(path: Path, provenance: dict[str, str], stack: tuple[Path, ...] =
         where = f" (named in _base_ of {stack[-1]})" if stack else ""
         raise ConfigError(f"config file not found: {path}{where}")
     with open(path) as f:
-        data = parse_yaml(f.read()) or {}
+        data = parse_yaml(f.read(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping at top level")
     bases = data.pop("_base_", [])
@@ -159,7 +181,7 @@ def _apply_override(cfg: DictConfig, item: str, provenance: dict[str, str]) -> N
     key, _, raw = item.partition("=")
     add = key.startswith("+")
     key = key.lstrip("+").strip()
-    value = parse_yaml(raw) if raw.strip() else None
+    value = parse_yaml(raw, f"the override '{item}'") if raw.strip() else None
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not add and (not isinstance(parent, DictConfig) or leaf not in parent):
@@ -178,7 +200,11 @@ def _validate_dataclass(node: Any, schema: type, prefix: str, root: DictConfig) 
             raise ConfigError(f"unknown key '{prefix}.{key}'{_origin(root, f'{prefix}.{key}')}; "
                               f"allowed keys: {', '.join(fields)}")
     check_kwargs(schema, OmegaConf.to_container(node), f"section '{prefix}'", node)
-    schema(**OmegaConf.to_container(node))
+    try:
+        schema(**OmegaConf.to_container(node))
+    except FieldError as e:
+        key = f"{prefix}.{e.key}"
+        raise ConfigError(f"{key} {e.problem}{_origin(root, key)}") from None
 
 
 def _origin(root: DictConfig, full_key: str) -> str:
@@ -188,16 +214,30 @@ def _origin(root: DictConfig, full_key: str) -> str:
     return f" (set in {origin})" if origin else ""
 
 
-def _registry_for(type_name: str) -> Optional[Registry]:
-    hits = [r for r in (MODELS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULERS) if type_name in r]
-    return hits[0] if len(hits) == 1 else None
+ALL_REGISTRIES = (MODELS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULERS)
+
+
+def _registry_for(node: DictConfig, path: str) -> Optional[Registry]:
+    """The registry that holds a nested ``type:`` (``None`` if several do); an unknown name is an
+    error naming the key."""
+    type_name = node["type"]
+    hits = [r for r in ALL_REGISTRIES if type_name in r]
+    if hits:
+        return hits[0] if len(hits) == 1 else None
+    # list the names of the kind the key's path suggests ("dataset.transforms.train[0]": transforms)
+    parts = re.split(r"[.\[]", path)[::-1]
+    hinted = [r for part in parts for r in ALL_REGISTRIES if r.kind in part]
+    known = "; ".join(f"{r.kind} types: {', '.join(r.names())}" for r in (hinted[:1] or ALL_REGISTRIES))
+    origin = origin_of(node, "type")
+    raise ConfigError(f"unknown type '{type_name}' at '{path}'{f' (set in {origin})' if origin else ''}; "
+                      f"registered {known}")
 
 
 def _validate_typed(node: Any, path: str, registry: Optional[Registry]) -> None:
     """Check every ``type:`` mapping under ``node`` against its registered signature."""
     if isinstance(node, DictConfig):
         if "type" in node:
-            reg = registry or _registry_for(node["type"])
+            reg = registry or _registry_for(node, path)
             if reg is not None:
                 target = reg.get(node["type"])
                 kwargs = {k: v for k, v in node.items() if k != "type"}
@@ -259,7 +299,38 @@ def _drop_retyped_defaults(cfg: DictConfig, tree: dict) -> None:
             cfg[section] = given
 
 
-def save_config(cfg: DictConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path, resolve=True)
+HISTORY_PREFIX = "# history: "
+
+
+def save_config(cfg: DictConfig, path: str | Path, history: Sequence[str] = ()) -> None:
+    """Write the resolved config as YAML, after ``history`` lines as comments (a resumed run's
+    config changes), so the file always describes the run and still loads as a config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"{HISTORY_PREFIX}{line}\n" for line in history)
+    path.write_text(header + OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def read_history(path: str | Path) -> list[str]:
+    """The history lines of a config written by :func:`save_config` (none if there is no file)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [line[len(HISTORY_PREFIX):] for line in path.read_text().splitlines() if line.startswith(HISTORY_PREFIX)]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two plain configs (lists compare whole)."""
+    a, b = _flatten(old), _flatten(new)
+    absent = "<absent>"
+    return [f"{key}: {a.get(key, absent)} -> {b.get(key, absent)}" for key in sorted(a.keys() | b.keys())
+            if a.get(key, absent) != b.get(key, absent)]

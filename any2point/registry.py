@@ -16,8 +16,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from any2point.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration is invalid: an unknown key, a wrong type, or a missing required value."""
 
 

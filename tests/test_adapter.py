@@ -8,12 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from any2point.models.adapter import (
-    GroupedBatchNorm,
-    GuidedAdapter,
-    ViewLocalAttention,
-    compact_segments,
-)
+from any2point.models.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
+from any2point.models.peft.any2point import GuidedAdapter
 from any2point.registry import ConfigError
 
 

@@ -1,6 +1,7 @@
 """The assembled Any2Point model on the real tiny sources (2 blocks x 64): shapes, gradients reach
-exactly the trainable parameters, optimizer steps change only them; the ablation switches run; the
-paper's configs build offline at random init with the paper's parameter counts."""
+exactly the trainable parameters; the ablation switches run; the paper's configs build offline at
+random init with the paper's parameter counts. (Optimizer steps and checkpoint round trips of every
+tuner on every source family: tests/test_tuners.py.)"""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from any2point import build_model, load_config
-from any2point.engine.checkpoint import load_trainable_state_dict, trainable_state_dict
 from any2point.registry import ConfigError
 from tools.count_params import count_params
 from tools.count_params import main as count_params_main
@@ -20,7 +20,8 @@ from tools.count_params import main as count_params_main
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SOURCES = {
     "clip_text": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
-    "dinov2": dict(type="DINOv2Source", img_size=56, embed_dim=64, depth=2, num_heads=4),
+    "dinov2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2,
+                   num_heads=4),
     "imagebind_audio": dict(type="ImageBindAudioSource", embed_dim=64, depth=2, num_heads=4,
                             num_mel_bins=36, target_len=56),
 }
@@ -33,7 +34,7 @@ def tiny_model(source: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = dict(type="Any2Point", num_classes=5, source=TINY_SOURCES[source],
                tokenizer=dict(type="PointPNTokenizer", k=16),
-               adapter=dict(type="GuidedAdapter", bottleneck=4, voxel_size=0.5))
+               tuner=dict(type="GuidedAdapter", bottleneck=4, voxel_size=0.5))
     cfg.update(overrides)
     return build_model(cfg)
 
@@ -58,49 +59,11 @@ def test_gradients_reach_exactly_the_trainable_parameters(source):
     model = tiny_model(source)
     F.cross_entropy(model(points()), torch.tensor([0, 1, 2])).backward()
     for name, p in model.named_parameters():
-        assert p.requires_grad == (not name.startswith("source.")), name
+        assert p.requires_grad == (not name.startswith("source.") or name.startswith("source.norm.")), name
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
-
-
-@pytest.mark.parametrize("source", sorted(TINY_SOURCES))
-def test_optimizer_steps_change_only_trainable_tensors(source):
-    model = tiny_model(source)
-    model.train()
-    assert not any(m.training for m in model.source.modules())
-    assert model.tokenizer.training and model.adapter.training
-    frozen = {k: v.clone() for k, v in model.source.state_dict().items()}
-    tables = {name: getattr(model.source, name).clone() for name in model.source.table_names()}
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        optimizer.zero_grad()
-        F.cross_entropy(model(points()), torch.tensor([0, 1, 2])).backward()
-        optimizer.step()
-    for key, value in model.source.state_dict().items():
-        assert torch.equal(value, frozen[key]), key
-    for name, value in tables.items():
-        assert torch.equal(getattr(model.source, name), value), name
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert not torch.equal(p.detach(), trainable[name]), name
-
-
-def test_trainable_state_round_trip_gives_identical_outputs():
-    model = tiny_model("dinov2")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    F.cross_entropy(model(points()), torch.tensor([0, 1, 2])).backward()
-    optimizer.step()
-    state = trainable_state_dict(model)
-    assert state and not any(k.startswith("source.") for k in state)
-    restored = tiny_model("dinov2")
-    model.eval()
-    restored.eval()
-    assert not torch.equal(restored(points()), model(points()))
-    load_trainable_state_dict(restored, state, "round trip")
-    torch.testing.assert_close(restored(points()), model(points()))
 
 
 def test_summary_line_identity_and_cls_initialisation(caplog):
@@ -115,16 +78,16 @@ def test_summary_line_identity_and_cls_initialisation(caplog):
     assert tiny_model("clip_text").source.cls_token is None
 
 
-@pytest.mark.parametrize("source, projection, adapter", [
+@pytest.mark.parametrize("source, projection, tuner", [
     ("clip_text", dict(pe="none"), dict(guidance="3d", pool="maxmean")),
     ("clip_text", dict(pe="learnable", lines="pointclip_views", line_direction=[-1.0, 0.0, 1.0],
                        plane_size=[56, 56]), dict(guidance="2d", cell_size=14, position="parallel")),
     ("dinov2", dict(pe="sinusoidal", line_length=77), dict(guidance="1d", position="before", insert_depth=1)),
     ("imagebind_audio", dict(num_views=3), dict(ensemble=False)),
 ])
-def test_ablation_switches_run(source, projection, adapter):
+def test_ablation_switches_run(source, projection, tuner):
     model = tiny_model(source, projection=dict(type="VirtualProjection", **projection),
-                       adapter=dict(type="GuidedAdapter", bottleneck=4, voxel_size=0.5, **adapter))
+                       tuner=dict(type="GuidedAdapter", bottleneck=4, voxel_size=0.5, **tuner))
     F.cross_entropy(model(points()), torch.tensor([0, 1, 2])).backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
@@ -132,7 +95,7 @@ def test_ablation_switches_run(source, projection, adapter):
 
 def test_missing_guidance_geometry_is_a_config_error():
     with pytest.raises(ConfigError, match="line_length"):
-        tiny_model("dinov2", adapter=dict(type="GuidedAdapter", guidance="1d"))
+        tiny_model("dinov2", tuner=dict(type="GuidedAdapter", guidance="1d"))
     with pytest.raises(ValueError, match=r"\(B, N, 3\)"):
         tiny_model("clip_text")(torch.randn(3, 256, 2))
 
@@ -155,12 +118,12 @@ def test_full_size_configs_build_offline_with_the_paper_counts(source):
 
 
 TINY_DINOV2_OVERRIDES = ["+model.source.embed_dim=64", "+model.source.depth=2", "+model.source.num_heads=4",
-                         "model.source.img_size=56", "model.adapter.cell_size=14"]
+                         "model.source.img_size=56", "model.tuner.cell_size=14"]
 
 
 def test_count_params_cli_prints_one_json_object(capsys):
     count_params_main(["--config", str(ROOT / "cfgs/scanobjectnn/any2point_dinov2.yaml"),
-                       *TINY_DINOV2_OVERRIDES, "model.adapter.bottleneck=4"])
+                       *TINY_DINOV2_OVERRIDES, "model.tuner.bottleneck=4"])
     counts = json.loads(capsys.readouterr().out)
     assert set(counts) == {"total", "trainable", "trainable_without_head"}
     # Tokenizer 64: widths 16/32/64, mids 8/16/32; cls + PE and final norm; 6 local attentions of
@@ -175,7 +138,7 @@ def test_count_params_cli_prints_one_json_object(capsys):
 def test_config_keys_are_checked_with_the_file_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"_base_: {ROOT / 'cfgs/scanobjectnn/any2point_dinov2.yaml'}\n"
-                   "model:\n  adapter:\n    bottlenek: 4\n")
+                   "model:\n  tuner:\n    bottlenek: 4\n")
     with pytest.raises(ConfigError, match=r"bottlenek.*bad\.yaml"):
         load_config(bad)
     cfg = load_config(ROOT / "cfgs/scanobjectnn/any2point_dinov2.yaml", TINY_DINOV2_OVERRIDES)

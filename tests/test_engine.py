@@ -21,6 +21,7 @@ from any2point.engine.distributed import EpochSampler
 from any2point.engine.metrics import Metrics, confusion_matrix
 from any2point.engine.optim import build_optimizer, build_scheduler
 from any2point.engine.trainer import BEST, LAST, Trainer, evaluate_checkpoint
+from any2point.errors import CheckpointError, ExperimentError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,10 +84,10 @@ def test_outputs_logs_and_test_mode(tmp_path: Path) -> None:
     again = evaluate_checkpoint(load_config(cfg_path), exp / BEST)
     assert again.oa == metrics.oa and again.macc == metrics.macc
     assert entry.main(["--test", "--ckpt", str(exp / BEST)]) == 0
-    # a second fresh run refuses to overwrite; --resume of a finished run trains nothing more
-    with pytest.raises(FileExistsError, match="--resume"):
+    # a second fresh run refuses to overwrite; --resume without a checkpoint is refused
+    with pytest.raises(ExperimentError, match="--resume"):
         Trainer(load_config(cfg_path))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ExperimentError, match="no checkpoint"):
         Trainer(load_config(tiny_config(tmp_path, "fresh")), resume=True)
 
 
@@ -204,9 +205,9 @@ def test_checkpoint_keeps_only_trainable_and_reports_mismatch(tmp_path: Path) ->
     broken = dict(state)
     broken.pop("2.bias")
     broken["3.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match=r"missing keys: 2\.bias.*unexpected keys: 3\.weight"):
+    with pytest.raises(CheckpointError, match=r"c\.pth does not match.*missing keys: 2\.bias.*unexpected keys: 3\.weight"):
         checkpoint.load_trainable_state_dict(other, broken, "c.pth")
-    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+    with pytest.raises(CheckpointError, match="nothere.pth"):
         checkpoint.load(tmp_path / "nothere.pth")
 
 

@@ -78,7 +78,7 @@ def test_any2point_training_step_on_the_real_minilm() -> None:
     items = [dataset[i] for i in range(4)]
     points = torch.stack([torch.as_tensor(item["points"]) for item in items])
     labels = torch.tensor([item["label"] for item in items])
-    frozen = {k: v.clone() for k, v in model.source.state_dict().items()}
+    frozen = {k: v.clone() for k, v in model.source.blocks.state_dict().items()}
     trainable = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=DEMO.optimizer.lr)
     model.train()
@@ -88,9 +88,9 @@ def test_any2point_training_step_on_the_real_minilm() -> None:
         assert (p.grad is not None) == p.requires_grad == (not key.startswith("source.")), key
     optimizer.step()
     assert torch.isfinite(loss) and 1.0 < loss.item() < 10.0
-    assert all(torch.equal(v, model.source.state_dict()[k]) for k, v in frozen.items())
+    assert all(torch.equal(v, model.source.blocks.state_dict()[k]) for k, v in frozen.items())
     changed = {k for k, p in model.named_parameters() if k in trainable and not torch.equal(p, trainable[k])}
-    assert {"tokenizer.stem.0.weight", "adapter.blocks.0.up.weight", "cls_token", "head.0.weight"} <= changed
+    assert {"tokenizer.stem.0.weight", "tuner.blocks.0.up.weight", "cls_token", "head.0.weight"} <= changed
 
 
 def test_missing_package_error_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from any2point.models.backbones.clip_text import CLIPTextSource
-from any2point.models.backbones.dinov2 import DINOv2Source
+from any2point.models.backbones.timm_vit import TimmViTSource
 from any2point.models.projection import (
     VirtualProjection,
     euler_to_matrix,
@@ -37,9 +37,9 @@ def clip_tiny() -> CLIPTextSource:
 
 
 @pytest.fixture(scope="module")
-def dinov2_tiny() -> DINOv2Source:
+def dinov2_tiny() -> TimmViTSource:
     torch.manual_seed(0)
-    return DINOv2Source(img_size=56, embed_dim=64, depth=2, num_heads=4)
+    return TimmViTSource("vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2, num_heads=4)
 
 
 def test_normalize_to_unit_sphere_centres_and_scales():
@@ -176,8 +176,46 @@ def test_virtual_pe_2d_is_the_mean_over_the_six_views(dinov2_tiny):
     expected = sample_table_2d(dinov2_tiny.pos_embed_2d, pixels, dinov2_tiny.plane_size).mean(1)
     assert out.positions.shape == (2, 6, 16, 2)
     torch.testing.assert_close(out.pe, expected)
-    cells, count = proj.cells(out.positions, "2d", None)
-    assert count == 16 and int(cells.max()) < 16
+    cells = proj.token_cells(out, "2d", None)
+    assert cells.shape == (2, 6, 16) and int(cells.max()) < 16
+
+
+def _pointclip_v2_pixel(p: torch.Tensor, view: int, plane: tuple[int, int]) -> torch.Tensor:
+    """PointCLIP V2's own order, written out for one point: row vectors times the transposed Euler
+    matrices (view, then tilt), orthographic, the object on 80 % of the plane."""
+    angles = [((k * math.pi / 4, 0, math.pi / 2), (0, math.pi / 9, 0)) for k in (1, 3, 5, 7)]
+    angles += [((k * math.pi / 2, 0, math.pi / 2), (0, math.pi / 9, 0)) for k in range(4)]
+    angles += [((0, -math.pi / 2, math.pi / 2), (0, math.pi / 15, 0)), ((0, math.pi / 2, math.pi / 2),
+                                                                          (0, math.pi / 15, 0))]
+    view_angles, tilt_angles = (torch.tensor(a, dtype=torch.float64) for a in angles[view])
+    rotated = p.double() @ euler_to_matrix(view_angles).T @ euler_to_matrix(tilt_angles).T
+    u, v = 0.8 * rotated[0], 0.8 * rotated[1]
+    return torch.stack([(v + 1) / 2 * (plane[0] - 1), (u + 1) / 2 * (plane[1] - 1)]).float()
+
+
+def test_pointclip_v2_views_follow_pointclip_v2(dinov2_tiny):
+    proj = VirtualProjection(dinov2_tiny, views="pointclip_v2", num_views=8)
+    centres = torch.randn(2, 10, 3)
+    out = proj(centres, dinov2_tiny.pos_embed_2d)
+    assert out.positions.shape == (2, 8, 10, 2) and proj.rotations.shape == (8, 3, 3)
+    for b, view, g in [(0, 0, 0), (1, 3, 7), (0, 5, 2), (1, 7, 9)]:
+        expected = _pointclip_v2_pixel(out.unit[b, g], view, dinov2_tiny.plane_size)
+        torch.testing.assert_close(out.positions[b, view, g], expected, atol=1e-4, rtol=1e-5)
+    assert VirtualProjection(dinov2_tiny, views="pointclip_v2", num_views=10).num_views == 10
+    with pytest.raises(ConfigError, match="1..10 with the pointclip_v2 views"):
+        VirtualProjection(dinov2_tiny, views="pointclip_v2", num_views=11)
+    with pytest.raises(ConfigError, match="views must be one of"):
+        VirtualProjection(dinov2_tiny, views="pointclip_v3")
+
+
+def test_token_cells_of_each_guidance_kind(clip_tiny):
+    proj = VirtualProjection(clip_tiny, plane_size=[56, 56])
+    out = proj(torch.randn(2, 12, 3), clip_tiny.pos_embed_1d)
+    torch.testing.assert_close(proj.token_cells(out, "1d", None), line_cells(out.positions, 77, 2.0)[0])
+    pixels = project_to_plane(out.unit, pointclip_view_rotations(6).float(), 1.4, (56, 56))
+    torch.testing.assert_close(proj.token_cells(out, "2d", 14), plane_cells(pixels, (56, 56), 14)[0])
+    voxels = proj.token_cells(out, "3d", 0.5)
+    assert voxels.shape == (2, 6, 12) and torch.equal(voxels[:, 0], voxels[:, 5])
 
 
 def test_pe_variants(clip_tiny):

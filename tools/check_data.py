@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from omegaconf import OmegaConf
+from any2point.errors import run_cli
 
-from any2point.config import load_config
-from any2point.datasets import SPLITS, PointDataset, build_dataset
-from any2point.datasets.io import DataError
-from any2point.registry import ConfigError
+if TYPE_CHECKING:
+    from any2point.datasets import PointDataset
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML config")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. dataset.root=/data/ScanObjectNN")
     return p.parse_args(argv)
 
@@ -49,13 +48,15 @@ once, after the splits it concerns)."""
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def check(args: argparse.Namespace) -> int:
+    """Print the report of ``args.config``'s dataset; 1 when a split cannot be read."""
+    from omegaconf import OmegaConf
+
+    from any2point.config import load_config
+    from any2point.datasets import SPLITS, build_dataset
+    from any2point.datasets.io import DataError
+
+    cfg = load_config(args.config, args.overrides)
     dataset_cfg = OmegaConf.to_container(cfg.dataset)
     if "fps_cache" in dataset_cfg:
         dataset_cfg["fps_cache"] = False
@@ -68,6 +69,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             problems[split] = str(e)
     print(report(found, problems))
     return 1 if problems else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: check(args), debug=args.debug)
 
 
 if __name__ == "__main__":

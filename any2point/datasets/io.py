@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from any2point.datasets.base import PointDataset, holdout_indices
 from any2point.datasets.transforms import FPSResample, RandomSubset
+from any2point.errors import UserError
 
 Clouds = Union[np.ndarray, list]
 """The clouds of a split: one (S, N, 3) array, or a list of (N_i, 3) arrays of varying N_i."""
@@ -32,7 +33,7 @@ POINT_SUFFIXES = (".npy", ".npz", ".txt", ".xyz", ".pts")
 MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset file is unreadable or holds invalid data; the message names the file."""
 
 

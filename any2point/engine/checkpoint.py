@@ -1,18 +1,26 @@
-"""Checkpoints: atomic writes, trainable-only model state, strict loading with a key report.
+"""Checkpoints: safe loading, atomic writes, trainable-only model state, strict loading with a key report.
 
 A checkpoint stores the model's *trainable* state (every parameter and buffer outside the frozen
 source), so a 300M-parameter source is never copied into each file; the source is identified by
-name and sha256 instead (DESIGN.md, "Non-negotiables").
+name and sha256 instead (docs/method.md, "Checkpoints"). A checkpoint holds only tensors, numbers,
+strings, ``None`` and lists, tuples and dicts of them, and is read with ``weights_only=True``: a file
+that needs anything else (an object whose unpickling could run code) is refused, never executed.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from any2point.errors import CheckpointError, ExperimentError, describe_os_error
+
+TMP_SUFFIX = ".tmp"
 
 
 def frozen_prefixes(model: nn.Module) -> list[str]:
@@ -38,7 +46,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load a trainable state strictly; a mismatch raises ``KeyError`` naming the keys."""
+    """Load a trainable state strictly; a mismatch raises :class:`CheckpointError` naming the keys."""
     expected = set(trainable_state_dict(model))
     got = set(state)
     missing, unexpected = sorted(expected - got), sorted(got - expected)
@@ -48,35 +56,84 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
             msg.append(f"missing keys: {', '.join(missing)}")
         if unexpected:
             msg.append(f"unexpected keys: {', '.join(unexpected)}")
-        raise KeyError("; ".join(msg))
+        raise CheckpointError("; ".join(msg))
     current = model.state_dict()
-    bad = [k for k in expected if current[k].shape != state[k].shape]
+    bad = [k for k in sorted(expected) if current[k].shape != state[k].shape]
     if bad:
-        raise KeyError(f"checkpoint {where}: shape mismatch for "
-                       + ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(current[k].shape)}" for k in bad))
+        raise CheckpointError(f"checkpoint {where}: shape mismatch for "
+                              + ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(current[k].shape)}"
+                                          for k in bad))
     model.load_state_dict(state, strict=False)
 
 
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Raise ``TypeError`` unless ``obj`` is tensors, numbers, strings, ``None`` and lists, tuples
+    and dicts of them: exactly what ``torch.load(weights_only=True)`` reads back."""
+    if obj is None or isinstance(obj, (torch.Tensor, str, int, float, bool)):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            check_plain(item, f"{where}[{i}]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}, not a string or integer")
+            check_plain(item, f"{where}[{key!r}]")
+    else:
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
+                        f"tensors, numbers, strings, lists and dicts")
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``; the
+    temporary file is removed if the write fails (a full disk, a read-only folder)."""
+    check_plain(obj)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ExperimentError(f"cannot write checkpoint: {describe_os_error(e, path)}") from e
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way (``.NAME.*.tmp``) left in ``folder``."""
+    stale = sorted(Path(folder).glob(f".*.pth.*{TMP_SUFFIX}"))
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_atomic`; a missing file is a clear error."""
+    """Read a checkpoint written by :func:`save_atomic`, with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated or corrupt, or
+    needs objects beyond tensors and plain containers (nothing in it is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise CheckpointError(
+                f"refusing to load {path}: it calls '{unsafe.group(1)}' when unpickled, but a checkpoint holds only "
+                f"tensors, numbers, strings, lists and dicts (this file could run code; nothing in it ran)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).split(". ")[0] or type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first})") from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(f"{path} is not an any2point checkpoint (no 'model' entry)")
+    return obj

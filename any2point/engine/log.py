@@ -35,12 +35,14 @@ def setup_logging(log_file: Optional[Path] = None) -> logging.Logger:
 class ScalarWriter:
     """TensorBoard scalars on rank 0; a no-op elsewhere."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, purge_step: Optional[int] = None) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard drops what an earlier run logged
+        from that step on (an epoch killed before its checkpoint), so no step appears twice."""
         self._writer = None
         if distributed.is_main():
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(log_dir))
+            self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def add(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:

@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules, built from config.
 
 Weight decay applies only to weight matrices/kernels: 1-D parameters (norm scales, biases, tokens
-with a single non-trivial dimension) get none, as in the paper's recipe (DESIGN.md, "Training").
+with a single non-trivial dimension) get none, as in the paper's recipe (docs/method.md, "Training").
 The schedule is stepped once per iteration.
 """
 from __future__ import annotations
@@ -65,6 +65,8 @@ def cosine_warmup(optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch
     """Per-iteration cosine schedule with linear warm-up (epochs are converted to iterations)."""
     if warmup_epochs < 0 or warmup_epochs > epochs:
         raise ConfigError(f"scheduler.warmup_epochs must be in [0, train.epochs={epochs}], got {warmup_epochs}")
+    if any(g["lr"] < min_lr for g in optimizer.param_groups):
+        raise ConfigError(f"scheduler.min_lr={min_lr} is above the optimizer's lr={optimizer.param_groups[0]['lr']}")
     total, warmup = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
     lambdas = [
         (lambda step, base=g["lr"]: cosine_warmup_factor(step, total, warmup, base, min_lr, warmup_start_lr))
@@ -81,6 +83,22 @@ def constant(optimizer: torch.optim.Optimizer, epochs: int,
 
 
 cosine_warmup.injected_args = constant.injected_args = ("optimizer", "epochs", "iters_per_epoch")
+
+
+def load_schedule_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any]) -> None:
+    """Continue ``scheduler`` at the step saved in ``state`` (a ``LambdaLR`` state dict).
+
+    Only the step count is restored: the base learning rates and the schedule's shape stay those of
+    the current config, so a resume with a changed ``lr`` or ``epochs`` follows the new schedule and
+    never leaves it (in particular never goes below its ``min_lr``). With an unchanged config this is
+    the same as ``load_state_dict``.
+    """
+    scheduler.last_epoch = state["last_epoch"]
+    scheduler._step_count = state["_step_count"]
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:

@@ -23,12 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from any2point.config import save_config
+from any2point.config import config_changes, read_history, save_config
 from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
+from any2point.engine.experiment import claim
 from any2point.engine.log import ScalarWriter, setup_logging
 from any2point.engine.metrics import Metrics, confusion_matrix
-from any2point.engine.optim import build_optimizer, build_scheduler
+from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
+from any2point.errors import CheckpointError, ExperimentError
 from any2point.models import build_model
 from any2point.registry import ConfigError
 from any2point.utils.cpu_memory import keep_freed_memory
@@ -39,12 +41,24 @@ LAST, BEST = "ckpt-last.pth", "ckpt-best.pth"
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU; a device this machine
+    does not have is a :class:`ConfigError`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", distributed.local_rank())
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device='{name}' is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name} but CUDA is not available on this machine; "
+                              f"use train.device=cpu or train.device=auto")
+        if device.index is None:
+            device = torch.device("cuda", distributed.local_rank())
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"train.device={name}: only auto, cpu and cuda devices are supported")
     return device
 
 
@@ -62,7 +76,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (NumPy's key array as an int64 tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                     has_gauss, cached], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,7 +87,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -118,18 +136,44 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
 
 
 class Trainer:
-    """Builds model, data, optimizer and schedule from a config, then trains with :meth:`fit`."""
+    """Builds model, data, optimizer and schedule from a config, then trains with :meth:`fit`.
 
-    def __init__(self, cfg: DictConfig, resume: bool = False) -> None:
+    The run owns its experiment folder (see :mod:`any2point.engine.experiment`) from construction
+    until :meth:`fit` returns or :meth:`close` is called. ``resume`` continues from ``ckpt-last.pth``
+    (or from ``resume_from``) and refuses a config that differs from the checkpoint's unless
+    ``allow_config_change``; ``overwrite`` empties a used folder first; ``ignore_source_mismatch``
+    downgrades a different source (weights) than the checkpoint's to a warning.
+    """
+
+    def __init__(self, cfg: DictConfig, resume: bool = False, *, resume_from: Optional[str | Path] = None,
+                 overwrite: bool = False, allow_config_change: bool = False,
+                 ignore_source_mismatch: bool = False) -> None:
         self.cfg = cfg
         t = cfg.train
+        resume = resume or resume_from is not None
+        self.ignore_source_mismatch = ignore_source_mismatch
         self.device = pick_device(t.device)
         distributed.init(self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.exp_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
-        self._check_exp_dir(resume)
+        if resume and resume_from is None and not (self.exp_dir / LAST).is_file():
+            raise ExperimentError(f"--resume: no checkpoint to resume from at {self.exp_dir / LAST}")
+        self.lock = claim(self.exp_dir, resume, overwrite, LAST) if distributed.is_main() else None
+        try:
+            distributed.barrier()
+            self._build(resume, resume_from, allow_config_change)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: bool, resume_from: Optional[str | Path], allow_config_change: bool) -> None:
+        cfg, t = self.cfg, self.cfg.train
         setup_logging(self.exp_dir / "log.txt")
+        resumed, history = None, []
+        if resume:
+            resumed = self._load_resume_checkpoint(Path(resume_from) if resume_from else self.exp_dir / LAST)
+            history = self._check_config_change(resumed, allow_config_change)
         seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
 
         self.model = build_model(cfg.model).to(self.device)
@@ -163,25 +207,24 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, t.epochs, len(self.train_loader))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.start_epoch, self.best_oa, self.best_epoch = 0, -1.0, -1
-        if resume:
-            self._resume()
-        elif distributed.is_main():
-            save_config(cfg, self.exp_dir / "config.yaml")
-        self.writer = ScalarWriter(self.exp_dir / "tb")
+        if resumed is not None:
+            self._resume(*resumed)
+        if distributed.is_main():
+            save_config(cfg, self.exp_dir / "config.yaml", history)
+        # a resumed run drops the scalars logged after its checkpoint (a killed epoch) instead of repeating steps
+        self.writer = ScalarWriter(self.exp_dir / "tb", purge_step=self.start_epoch + 1 if resume else None)
         logger.info("experiment folder: %s (checkpoints %s, %s; TensorBoard logs %s)", self.exp_dir,
                     LAST, BEST, self.exp_dir / "tb")
         logger.info("protocol '%s': training on '%s', selecting the best epoch on '%s'", self.protocol,
                     train_split, self.select_split)
 
-    def _check_exp_dir(self, resume: bool) -> None:
-        last = self.exp_dir / LAST
-        if resume and not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
-        if not resume and last.is_file():
-            raise FileExistsError(f"{self.exp_dir} already holds a run; pass --resume to continue it, or choose "
-                                  f"another folder with experiment.name=...")
-        if distributed.is_main():
-            self.exp_dir.mkdir(parents=True, exist_ok=True)
+    def close(self) -> None:
+        """Flush the TensorBoard log and give up the experiment folder."""
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _check_num_classes(self) -> None:
         expected = self.cfg.model.get("num_classes")
@@ -207,12 +250,43 @@ class Trainer:
         if distributed.is_main():
             checkpoint.save_atomic(state, self.exp_dir / name)
 
-    def _resume(self) -> None:
-        path = self.exp_dir / LAST
-        ckpt = checkpoint.load(path)
+    def _load_resume_checkpoint(self, path: Path) -> tuple[Path, dict[str, Any]]:
+        try:
+            return path, checkpoint.load(path)
+        except CheckpointError as e:
+            best = self.exp_dir / BEST
+            if path.name == LAST and best.is_file():
+                raise CheckpointError(f"{e}; {best} (the best epoch so far) exists: continue from it with "
+                                      f"--resume-from {best}") from None
+            raise CheckpointError(f"{e}; resume from another checkpoint with --resume-from PATH, or start "
+                                  f"again with --overwrite") from None
+
+    def _check_config_change(self, resumed: tuple[Path, dict[str, Any]], allow: bool) -> list[str]:
+        """The config.yaml history for this resume; a changed config is an error unless ``allow``."""
+        path, ckpt = resumed
+        history = read_history(self.exp_dir / "config.yaml")
+        changes = config_changes(ckpt["config"], OmegaConf.to_container(self.cfg, resolve=True))
+        if not changes:
+            return history
+        listed = "; ".join(changes)
+        if not allow:
+            raise ConfigError(f"the config differs from the one {path} was trained with: {listed}. Resume with "
+                              f"the same config, or pass --allow-config-change to continue with the new one")
+        logger.warning("resuming %s with a changed config (--allow-config-change): %s", path, listed)
+        return history + [f"resumed at epoch {ckpt['epoch'] + 1} from {path} with changes: {listed}"]
+
+    def _resume(self, path: Path, ckpt: dict[str, Any]) -> None:
+        check_source(ckpt.get("source"), self.model, path, self.ignore_source_mismatch)
         checkpoint.load_trainable_state_dict(self.model, ckpt["model"], str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        # keep the configured hyper-parameters (they differ only with --allow-config-change)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this model ({e})") from None
+        for group, hyper in zip(self.optimizer.param_groups, configured):
+            group.update(hyper)
+        load_schedule_state(self.scheduler, ckpt["scheduler"])
         self.start_epoch = ckpt["epoch"] + 1
         self.best_oa, self.best_epoch = ckpt["best_oa"], ckpt["best_epoch"]
         rng = ckpt["rng"]
@@ -257,6 +331,12 @@ class Trainer:
         """Train to ``train.epochs``, checkpointing every epoch; return the test metrics of the best
         epoch. ``stop_after`` ends this call after that many epochs (e.g. to fit a job's time limit;
         ``--resume`` continues) and returns ``None`` if training is not finished."""
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.close()
+
+    def _fit(self, stop_after: Optional[int]) -> Optional[Metrics]:
         t = self.cfg.train
         end = t.epochs if stop_after is None else min(t.epochs, self.start_epoch + stop_after)
         for epoch in range(self.start_epoch, end):
@@ -282,7 +362,6 @@ class Trainer:
             self.save(LAST, state)
             logger.info(line)
         if end < t.epochs:
-            self.writer.close()
             return None
         return self.final_test()
 
@@ -298,20 +377,19 @@ class Trainer:
         logger.info("test %s  [epoch %d; protocol %s: %s]", m.summary(), self.best_epoch + 1, self.protocol, how)
         self.writer.add("test/OA", m.oa, self.best_epoch + 1)
         self.writer.add("test/mAcc", m.macc, self.best_epoch + 1)
-        self.writer.close()
         logger.info("checkpoints: %s, %s", self.exp_dir / LAST, best)
         return m
 
 
-def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path) -> Metrics:
+def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, ignore_source_mismatch: bool = False) -> Metrics:
     """Evaluate a checkpoint on the test split of ``cfg``'s dataset; log per-class accuracy."""
     device = pick_device(cfg.train.device)
     distributed.init(device)
     setup_logging()
-    model = build_model(cfg.model).to(device)
     ckpt = checkpoint.load(ckpt_path)
+    model = build_model(cfg.model).to(device)
+    check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
     checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))
-    _check_source(model, ckpt.get("source"))
     dataset = build_dataset(cfg.dataset, "test")
     world = distributed.world_size()
     loader = make_loader(dataset, max(1, (cfg.train.test_batch_size or cfg.train.batch_size) // world), False,
@@ -325,10 +403,27 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path) -> Metrics:
     return m
 
 
-def _check_source(model: nn.Module, saved: Optional[dict[str, Any]]) -> None:
+def _describe_source(identity: dict[str, Any]) -> str:
+    if not identity.get("sha256"):
+        return f"{identity.get('name')} at random init (no weight file)"
+    return f"{identity.get('name')} from {identity.get('weights')} (sha256 {identity['sha256']})"
+
+
+def check_source(saved: Optional[dict[str, Any]], model: nn.Module, ckpt_path: str | Path,
+                 ignore: bool = False) -> None:
+    """Refuse a checkpoint whose source (name and weight-file sha256) differs from the model's, both
+    ways: real weights vs random init, or another file. ``ignore`` turns the error into a warning."""
     identity = getattr(model, "source_identity", None)
     if saved is None or identity is None:
-        return
+        return  # a model without a pretrained source (e.g. PointNet)
     now = identity()
-    if saved.get("sha256") and now.get("sha256") and saved["sha256"] != now["sha256"]:
-        raise ValueError(f"the checkpoint was trained on source weights {saved} but the config loads {now}")
+    if (saved.get("name"), saved.get("sha256")) == (now.get("name"), now.get("sha256")):
+        return
+    message = (f"checkpoint {ckpt_path} was trained with source {_describe_source(saved)}, but the config builds "
+               f"{_describe_source(now)}")
+    if ignore:
+        logger.warning("%s; continuing anyway (--ignore-source-mismatch)", message)
+        return
+    hint = (f"set model.source.pretrained to {saved.get('weights')}" if saved.get("sha256")
+            else "set model.source.pretrained=null")
+    raise CheckpointError(f"{message}; {hint}, or pass --ignore-source-mismatch")

@@ -1,18 +1,19 @@
-"""3D-to-any virtual projection (paper sec. 3, "3D-to-any virtual projection";
-DESIGN.md, "The method").
+"""3D-to-any virtual projection (paper sec. 3, "3D-to-any virtual projection").
 
 Each 3D token centre is projected, without rendering anything, to M positions in the source's own
-positional-embedding table: M lines for a 1D (language) source, the six PointCLIP views for a 2D
-(vision / audio) source. The M embeddings sampled there are averaged and added to the token once.
-The same positions, cut into cells, guide the adapter's local attention.
+positional-embedding table: M lines for a 1D (language) source, M PointCLIP views for a 2D
+(vision / audio) source (PointCLIP V1's six perspective views, or PointCLIP V2's ten orthographic
+views, the paper's Table 8). The M embeddings sampled there are averaged and added to the token
+once. The same positions, cut into cells, guide the adapter's local attention: :func:`token_cells`
+is the one place that says which cell each token is in.
 
 Geometry is pure functions on the centres normalised per sample to the unit sphere:
 
 - :func:`normalize_to_unit_sphere` ``(B, G, 3) -> (B, G, 3)``;
 - :func:`project_to_lines` ``(B, G, 3) -> (B, M, G)`` continuous rows in ``[0, L - 1]``, and
   :func:`line_cells` ``-> (B, M, G)`` cell indices;
-- :func:`project_to_plane` ``(B, G, 3) -> (B, M, G, 2)`` pixel ``(row, col)`` on the virtual plane,
-  and :func:`plane_cells` ``-> (B, M, G)`` cell indices;
+- :func:`project_to_plane` ``(B, G, 3) -> (B, M, G, 2)`` pixel ``(row, col)`` on the virtual plane
+  (perspective or orthographic camera), and :func:`plane_cells` ``-> (B, M, G)`` cell indices;
 - :func:`sample_table_1d` / :func:`sample_table_2d`: the interpolated embeddings ``(B, M, G, C)``.
 
 :class:`VirtualProjection` wires them to a source and offers the positional-embedding variants of
@@ -29,12 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from any2point.extensions import voxel_ids
 from any2point.models.backbones.base import SourceTransformer
 from any2point.models.tokenizer import sincos_embedding
 from any2point.registry import MODELS, ConfigError
 
 PEKind = Literal["virtual", "none", "sinusoidal", "learnable"]
 LineKind = Literal["even", "pointclip_views"]
+ViewKind = Literal["pointclip", "pointclip_v2"]
+CellKind = Literal["1d", "2d", "3d"]
 
 #: Euler angles (x, y, z) of the six PointCLIP-V1 views.
 POINTCLIP_VIEW_ANGLES = (
@@ -45,6 +49,26 @@ POINTCLIP_VIEW_ANGLES = (
     (0.0, -math.pi / 2, math.pi / 2),
     (0.0, math.pi / 2, math.pi / 2),
 )
+
+
+#: PointCLIP V2's ten views: Euler angles (x, y, z) of the view rotation, then of the small tilt
+#: that reveals more surface (pi/9 about y; pi/15 for the last two), applied after it.
+POINTCLIP_V2_VIEW_ANGLES = tuple(
+    ((k * math.pi / 4, 0.0, math.pi / 2), (0.0, math.pi / 9, 0.0)) for k in (1, 3, 5, 7)
+) + tuple(
+    ((k * math.pi / 2, 0.0, math.pi / 2), (0.0, math.pi / 9, 0.0)) for k in range(4)
+) + (
+    ((0.0, -math.pi / 2, math.pi / 2), (0.0, math.pi / 15, 0.0)),
+    ((0.0, math.pi / 2, math.pi / 2), (0.0, math.pi / 15, 0.0)),
+)
+#: PointCLIP V2 draws the object on 80 % of the image side.
+POINTCLIP_V2_OBJECT_RATIO = 0.8
+#: How many views each PointCLIP version defines.
+MAX_VIEWS = {"pointclip": len(POINTCLIP_VIEW_ANGLES), "pointclip_v2": len(POINTCLIP_V2_VIEW_ANGLES)}
+
+
+# The view and line geometry below is built on the CPU in float64 (also under a ``meta`` default
+# device, where the parameter-counting tool builds models), then registered as buffers.
 
 
 def normalize_to_unit_sphere(xyz: Tensor, eps: float = 1e-12) -> Tensor:
@@ -72,8 +96,17 @@ def pointclip_view_rotations(num_views: int = 6) -> Tensor:
     """The first ``num_views`` PointCLIP-V1 view rotations ``(M, 3, 3)`` (float64)."""
     if not 1 <= num_views <= len(POINTCLIP_VIEW_ANGLES):
         raise ValueError(f"the PointCLIP views are 6; num_views must be in 1..6, got {num_views}")
-    angles = torch.tensor(POINTCLIP_VIEW_ANGLES[:num_views], dtype=torch.float64)
+    angles = torch.tensor(POINTCLIP_VIEW_ANGLES[:num_views], dtype=torch.float64, device="cpu")
     return euler_to_matrix(angles)
+
+
+def pointclip_v2_view_rotations(num_views: int = 10) -> Tensor:
+    """The first ``num_views`` PointCLIP V2 view rotations ``(M, 3, 3)`` (float64): ``R = T_j V_j``,
+    the view rotation ``V_j`` followed by its tilt ``T_j`` (both ``Rx Ry Rz`` of their angles)."""
+    if not 1 <= num_views <= len(POINTCLIP_V2_VIEW_ANGLES):
+        raise ValueError(f"the PointCLIP V2 views are 10; num_views must be in 1..10, got {num_views}")
+    angles = torch.tensor(POINTCLIP_V2_VIEW_ANGLES[:num_views], dtype=torch.float64, device="cpu")
+    return euler_to_matrix(angles[:, 1]) @ euler_to_matrix(angles[:, 0])
 
 
 def even_line_directions(num_lines: int) -> Tensor:
@@ -87,9 +120,9 @@ def even_line_directions(num_lines: int) -> Tensor:
     if num_lines == 6:
         phi = (1 + math.sqrt(5)) / 2
         dirs = torch.tensor([[0, 1, phi], [0, 1, -phi], [1, phi, 0], [1, -phi, 0], [phi, 0, 1],
-                             [-phi, 0, 1]], dtype=torch.float64)
+                             [-phi, 0, 1]], dtype=torch.float64, device="cpu")
     else:
-        i = torch.arange(num_lines, dtype=torch.float64)
+        i = torch.arange(num_lines, dtype=torch.float64, device="cpu")
         z = 1 - (i + 0.5) / num_lines
         r = (1 - z ** 2).sqrt()
         theta = i * math.pi * (3 - math.sqrt(5))
@@ -100,7 +133,7 @@ def even_line_directions(num_lines: int) -> Tensor:
 def pointclip_line_directions(direction: Sequence[float], num_views: int = 6) -> Tensor:
     """Directions ``(M, 3)`` (float64) of the official code's lines: one direction ``u`` seen from the
     PointCLIP views, i.e. ``t = (R_j p) . u = p . (R_j^T u)``."""
-    u = torch.tensor(list(direction), dtype=torch.float64)
+    u = torch.tensor(list(direction), dtype=torch.float64, device="cpu")
     if u.shape != (3,) or u.norm() == 0:
         raise ValueError(f"line_direction must be a non-zero 3-vector, got {list(direction)}")
     rotations = pointclip_view_rotations(num_views)
@@ -123,22 +156,28 @@ def line_cells(rows: Tensor, length: int, line_size: float) -> tuple[Tensor, int
     return torch.floor(rows / line_size).long().clamp(0, num_cells - 1), num_cells
 
 
-def project_to_plane(unit_xyz: Tensor, rotations: Tensor, trans: float,
-                     plane_size: Sequence[int]) -> Tensor:
+def project_to_plane(unit_xyz: Tensor, rotations: Tensor, trans: Optional[float],
+                     plane_size: Sequence[int], scale: float = 1.0) -> Tensor:
     """Pixel positions ``(B, M, G, 2)`` as ``(row, col)`` of unit-sphere points ``(B, G, 3)`` seen
     from ``M`` views ``(M, 3, 3)``.
 
-    ``p' = R p``; the camera looks down ``z`` with the object at distance ``|trans|``:
-    ``u = x' / (z' + |trans|)``, ``v = y' / (z' + |trans|)``; then ``col = (u + 1) / 2 * (W - 1)``,
-    ``row = (v + 1) / 2 * (H - 1)`` on a plane of ``plane_size = (H, W)`` pixels, clamped to it.
+    ``p' = R p``. Perspective camera (PointCLIP V1) looking down ``z`` with the object at distance
+    ``|trans|``: ``u = x' / (z' + |trans|)``, ``v = y' / (z' + |trans|)``; orthographic camera
+    (PointCLIP V2, ``trans=None``): ``u = x'``, ``v = y'``. Then ``u, v`` are multiplied by
+    ``scale`` and ``col = (u + 1) / 2 * (W - 1)``, ``row = (v + 1) / 2 * (H - 1)`` on a plane of
+    ``plane_size = (H, W)`` pixels, clamped to it.
     """
-    distance = abs(trans)
-    if distance <= 1:
-        raise ValueError(f"|trans| must exceed 1 (the unit sphere must lie in front of the camera), got {trans}")
     height, width = plane_size
     rotated = torch.einsum("mij,bgj->bmgi", rotations.to(unit_xyz), unit_xyz)
-    depth = rotated[..., 2] + distance
-    u, v = rotated[..., 0] / depth, rotated[..., 1] / depth
+    if trans is None:
+        u, v = rotated[..., 0], rotated[..., 1]
+    else:
+        distance = abs(trans)
+        if distance <= 1:
+            raise ValueError(f"|trans| must exceed 1 (the unit sphere must lie in front of the camera), got {trans}")
+        depth = rotated[..., 2] + distance
+        u, v = rotated[..., 0] / depth, rotated[..., 1] / depth
+    u, v = u * scale, v * scale
     col = ((u + 1) / 2 * (width - 1)).clamp(0, width - 1)
     row = ((v + 1) / 2 * (height - 1)).clamp(0, height - 1)
     return torch.stack([row, col], dim=-1)
@@ -212,7 +251,10 @@ class VirtualProjection(nn.Module):
         lines: 1D sources: ``even`` (lines spread evenly over the sphere) or ``pointclip_views``
             (``line_direction`` seen from the PointCLIP views, as the official code did).
         line_direction: the direction ``u`` for ``lines: pointclip_views``.
-        trans: 2D sources: camera distance (its magnitude is used; must exceed 1).
+        views: 2D sources: ``pointclip`` (PointCLIP V1's six perspective views, the paper) or
+            ``pointclip_v2`` (PointCLIP V2's ten orthographic views, the object on 80 % of the
+            plane; the paper's Table 8); the first ``num_views`` of them are used.
+        trans: 2D sources, PointCLIP V1 views: camera distance (its magnitude is used; must exceed 1).
         line_length: rows of the virtual line when the source is 2D but the adapter asks for 1D
             guidance (default: the source's table length for 1D sources).
         plane_size: ``[H, W]`` pixels of the virtual plane when the source is 1D but the adapter asks
@@ -223,23 +265,28 @@ class VirtualProjection(nn.Module):
 
     def __init__(self, source: SourceTransformer, pe: PEKind = "virtual", num_views: int = 6,
                  lines: LineKind = "even", line_direction: Optional[list[float]] = None,
-                 trans: float = 1.4, line_length: Optional[int] = None,
+                 views: ViewKind = "pointclip", trans: float = 1.4, line_length: Optional[int] = None,
                  plane_size: Optional[list[int]] = None) -> None:
         super().__init__()
         if pe not in PEKind.__args__:
             raise ConfigError(f"projection pe must be one of {PEKind.__args__}, got '{pe}'")
         if lines not in LineKind.__args__:
             raise ConfigError(f"projection lines must be one of {LineKind.__args__}, got '{lines}'")
+        if views not in ViewKind.__args__:
+            raise ConfigError(f"projection views must be one of {ViewKind.__args__}, got '{views}'")
         if (line_direction is not None) != (lines == "pointclip_views"):
             raise ConfigError("projection line_direction is required with lines: pointclip_views and "
                               "only allowed with it")
-        if num_views < 1 or (num_views > 6 and (source.modality_dim == 2 or lines == "pointclip_views")):
-            raise ConfigError(f"projection num_views must be in 1..6 with the PointCLIP views, got {num_views}")
+        max_views = MAX_VIEWS["pointclip" if source.modality_dim == 1 else views]
+        if num_views < 1 or (num_views > max_views and (source.modality_dim == 2 or lines == "pointclip_views")):
+            raise ConfigError(f"projection num_views must be in 1..{max_views} with the {views} views, "
+                              f"got {num_views}")
         if abs(trans) <= 1:
             raise ConfigError(f"projection trans must have magnitude above 1, got {trans}")
         self.dim = source.dim
         self.pe_kind = pe
         self.num_views = num_views
+        self.views = views
         self.trans = float(trans)
         self.modality_dim = source.modality_dim
         if self.modality_dim == 1:
@@ -260,8 +307,9 @@ class VirtualProjection(nn.Module):
         directions = (even_line_directions(num_views) if lines == "even"
                       else pointclip_line_directions(line_direction, num_views))
         self.register_buffer("directions", directions.float(), persistent=False)
-        self.register_buffer("rotations", pointclip_view_rotations(min(num_views, 6)).float(),
-                             persistent=False)
+        rotations = (pointclip_view_rotations(min(num_views, 6)) if views == "pointclip"
+                     else pointclip_v2_view_rotations(min(num_views, 10)))
+        self.register_buffer("rotations", rotations.float(), persistent=False)
         self.mlp = (nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, self.dim))
                     if pe == "learnable" else None)
 
@@ -273,21 +321,46 @@ class VirtualProjection(nn.Module):
             return project_to_lines(unit, self.directions, self.line_length)
         if self.plane_size is None:
             raise ConfigError("2D guidance on a 1D source needs the projection's plane_size")
-        if self.num_views > 6:
-            raise ConfigError(f"2D guidance uses the six PointCLIP views; num_views is {self.num_views}")
+        if self.num_views > self.rotations.shape[0]:
+            raise ConfigError(f"2D guidance uses the {self.rotations.shape[0]} {self.views} views; num_views "
+                              f"is {self.num_views}")
+        if self.views == "pointclip_v2":
+            return project_to_plane(unit, self.rotations, None, self.plane_size, POINTCLIP_V2_OBJECT_RATIO)
         return project_to_plane(unit, self.rotations, self.trans, self.plane_size)
 
-    def cells(self, positions: Tensor, kind: Literal["1d", "2d"],
-              cell_size: Optional[float]) -> tuple[Tensor, int]:
-        """Cell index ``(B, M, G)`` of projected positions, and the number of cells per view.
+    def cell_size(self, kind: CellKind, cell_size: Optional[float]) -> Optional[float]:
+        """The side of a cell of ``kind``: ``cell_size``, else 2 rows (1D) or the source's patch (2D);
+        ``None`` where there is no default (2D cells on a 1D source, 3D cells)."""
+        if cell_size is not None:
+            return cell_size
+        return {"1d": 2.0, "2d": self.source_patch_size, "3d": None}[kind]
 
-        ``cell_size`` defaults to 2 rows (1D) or the source's patch size in pixels (2D)."""
+    def check_cells(self, kind: CellKind, cell_size: Optional[float], what: str) -> None:
+        """Raise a :class:`ConfigError` (naming ``what``) when cells of ``kind`` cannot be cut here."""
+        if kind == "1d" and self.line_length is None:
+            raise ConfigError(f"{what} guidance '1d' on a 2D source needs the projection's line_length")
+        if kind == "2d" and (self.plane_size is None or self.cell_size("2d", cell_size) is None):
+            raise ConfigError(f"{what} guidance '2d' on a 1D source needs the projection's plane_size and "
+                              f"the {what}'s cell_size")
+        if kind == "3d" and cell_size is None:
+            raise ConfigError(f"{what} guidance '3d' needs a cell_size (voxel side on the unit sphere)")
+
+    def token_cells(self, projected: "Projected", kind: CellKind, cell_size: Optional[float]) -> Tensor:
+        """Which cell each point token is in, in each view: ``(B, M, G)``.
+
+        ``1d``: segments of ``cell_size`` rows on each line; ``2d``: squares of ``cell_size`` px on
+        each view's plane (both from the source's own projection, or projected here when the source
+        is of the other kind); ``3d``: voxels of side ``cell_size`` of the unit-sphere centres, the
+        same in every view."""
+        unit = projected.unit
+        if kind == "3d":
+            return voxel_ids(unit, cell_size).unsqueeze(1).expand(-1, self.num_views, -1)
+        native = "1d" if self.modality_dim == 1 else "2d"
+        positions = projected.positions if kind == native else self.positions(unit, kind)
+        size = self.cell_size(kind, cell_size)
         if kind == "1d":
-            return line_cells(positions, self.line_length, 2.0 if cell_size is None else cell_size)
-        size = cell_size if cell_size is not None else self.source_patch_size
-        if size is None:
-            raise ConfigError("2D guidance on a 1D source needs the adapter's cell_size (pixels)")
-        return plane_cells(positions, self.plane_size, size)
+            return line_cells(positions, self.line_length, size)[0]
+        return plane_cells(positions, self.plane_size, size)[0]
 
     def forward(self, centres: Tensor, table: Tensor) -> Projected:
         """``centres (B, G, 3)`` and the source table -> :class:`Projected`."""
@@ -309,5 +382,5 @@ class VirtualProjection(nn.Module):
 
     def extra_repr(self) -> str:
         geometry = (f"lines={self.num_views}, length={self.line_length}" if self.modality_dim == 1
-                    else f"views={self.num_views}, plane={self.plane_size}, trans={self.trans}")
+                    else f"views={self.views} x {self.num_views}, plane={self.plane_size}, trans={self.trans}")
         return f"pe={self.pe_kind}, {geometry}"

@@ -1,5 +1,5 @@
 """The 3D tokenizer: a 3-stage Point-PN (paper sec. 3, "Tokenization in 3D space";
-DESIGN.md, "The method").
+docs/method.md, "The method").
 
 ``points (B, N, 3) -> (centres (B, N / 2^S, 3), tokens (B, N / 2^S, C))``: 1024 points become 128
 tokens of the source's width C. A stem (Conv1d 3 -> C0, no bias, + BN + ReLU) embeds each point;

@@ -1,5 +1,5 @@
 """The Audio Spectrogram Transformer (``transformers`` AST) as a frozen 2D audio source (paper
-Table 6, its SSAST row; DESIGN.md "The SourceTransformer contract").
+Table 6, its SSAST row; docs/method.md "The SourceTransformer contract").
 
 AST (Gong et al. 2021) cuts a ``num_mel_bins`` x ``max_length`` log-mel spectrogram into 16 x 16
 patches with strides ``frequency_stride`` x ``time_stride`` (10 x 10: a 12 x 101 grid for 128 mel
@@ -19,17 +19,19 @@ offline, from a local folder or the local Hugging Face cache (see :mod:`hf_encod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch.nn as nn
 from torch import Tensor
-from transformers import PreTrainedModel
 
-from any2point.models.backbones.base import FFNHook, SourceTransformer
-from any2point.models.backbones.hf_encoder import (build_hf_model, find_layers, hf_config, hf_download_hint,
-                                                   hf_weight_file, layer_runner, load_hf_model,
+from any2point.models.backbones.base import AttentionWeight, ResidualHook, SourceTransformer
+from any2point.models.backbones.hf_encoder import (build_hf_model, find_layers, hf_attention_weights, hf_config,
+                                                   hf_download_hint, hf_weight_file, layer_runner, load_hf_model,
                                                    resolve_pretrained)
 from any2point.registry import MODELS, ConfigError
+
+if TYPE_CHECKING:  # the model library loads only when a source is built
+    from transformers import PreTrainedModel
 
 AST_MODEL_TYPE = "audio-spectrogram-transformer"
 
@@ -69,7 +71,6 @@ class ASTSource(SourceTransformer):
         self.cls_token, self.cls_pos_embed = tables["cls_token"], tables["cls_pos_embed"]
         if folder is not None:
             self.load_pretrained(folder)
-        self.freeze()
 
     def _tables(self, model: PreTrainedModel) -> dict[str, Tensor]:
         """AST's table (1, 2 + F*T, C) -> class position (1, 1, C) and grid (F, T, C); its class token."""
@@ -84,9 +85,14 @@ class ASTSource(SourceTransformer):
         return [find_layers(model, "AST"), model.layernorm, model.embeddings.position_embeddings,
                 model.embeddings.cls_token]
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """Layer ``index`` on (B, T, C) -> (B, T, C); ``ffn_hook(x, f)`` replaces the MLP's residual add."""
-        return self._run_layer(self.blocks[index], x, ffn_hook)
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """Layer ``index`` on (B, T, C) -> (B, T, C); the hooks replace the residual adds."""
+        return self._run_layer(self.blocks[index], x, ffn_hook, attn_hook)
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """The layer's q / k / v / output Linears, by name."""
+        return hf_attention_weights(self.blocks[index], self.dim)
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load a saved transformers AST folder (offline; its classifier head is not used)."""

@@ -1,7 +1,7 @@
 """The SourceTransformer contract: what the Any2Point method needs from a frozen source model.
 
 Every source (CLIP text tower, DINOv2, ImageBind audio, any timm ViT or Hugging Face encoder) is
-wrapped so the method never knows which modality it runs on (DESIGN.md, "The SourceTransformer
+wrapped so the method never knows which modality it runs on (docs/method.md, "The SourceTransformer
 contract"). A wrapper exposes:
 
 - ``dim`` (C) and ``depth`` (number of blocks), ``blocks`` (an ``nn.ModuleList``);
@@ -14,17 +14,21 @@ contract"). A wrapper exposes:
 - ``cls_token`` (1, 1, C) and ``cls_pos_embed`` (1, 1, C) where the model has them (else ``None``),
   also non-persistent buffers: the method copies them into its own trainable parameters;
 - ``norm``: the final normalisation layer;
-- :meth:`forward_block`: run block ``i`` with a hook on its FFN output, where the adapter sits;
+- :meth:`forward_block`: run block ``i`` with hooks on its two residual adds (attention and FFN),
+  where tuners insert their modules;
+- :meth:`attention_weights`: where block ``i``'s attention projections live (for LoRA);
 - :meth:`load_pretrained`: strict loading through a per-source key converter;
 - :meth:`identity`: the name and the sha256 of the weight file, stored in checkpoints.
 
-The wrapper is frozen on construction (``requires_grad_(False)``) and stays in eval mode whatever
-``train()`` is called with, so dropout inside the source never fires.
+A wrapper neither freezes itself nor fixes its train/eval mode: the tuner of the method
+(:mod:`any2point.models.peft`) decides which source parameters train and which mode the source's
+modules run in.
 """
 from __future__ import annotations
 
 import hashlib
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -32,9 +36,41 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-FFNHook = Callable[[Tensor, Tensor], Tensor]
-"""``hook(x, f) -> x_new``: ``x`` is the residual stream entering the FFN's residual add (B, T, C),
-``f`` the FFN's output (B, T, C); the default (no adapter) is ``x + f``."""
+ResidualHook = Callable[[Tensor, Tensor], Tensor]
+"""``hook(x, f) -> x_new``: ``x`` is the residual stream entering a residual add (B, T, C), ``f`` the
+branch's output (attention or FFN, B, T, C); the default (no hook) is ``x + f``."""
+
+
+def residual(hook: Optional[ResidualHook], x: Tensor, branch: Tensor) -> Tensor:
+    """A block's residual add ``x + branch``, or ``hook(x, branch)`` where a tuner replaces it."""
+    return hook(x, branch) if hook is not None else x + branch
+
+
+@dataclass(frozen=True)
+class AttentionWeight:
+    """One weight tensor of a block's attention that holds some of its projections.
+
+    Attributes:
+        module: path of the module that owns the weight, relative to the block (``attn``).
+        param: the weight's name inside that module, dotted if nested (``in_proj_weight``,
+            ``out_proj.weight``).
+        rows: output rows of each projection in the weight, ``{"q": (0, C), "k": (C, 2C), ...}``;
+            a fused q/k/v weight lists three, a separate projection one.
+    """
+
+    module: str
+    param: str
+    rows: Mapping[str, tuple[int, int]]
+
+
+def fused_qkv(module: str, param: str, dim: int) -> AttentionWeight:
+    """The rows of a fused ``(3C, C)`` in-projection: q, k, v in that order."""
+    return AttentionWeight(module, param, {"q": (0, dim), "k": (dim, 2 * dim), "v": (2 * dim, 3 * dim)})
+
+
+def single(module: str, param: str, target: str, dim: int) -> AttentionWeight:
+    """A ``(C, C)`` weight holding one projection ``target`` (``q``, ``k``, ``v`` or ``o``)."""
+    return AttentionWeight(module, param, {target: (0, dim)})
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -96,7 +132,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
 
 
 class SourceTransformer(nn.Module):
-    """Base class of all frozen sources; subclasses build their modules, then call :meth:`freeze`.
+    """Base class of all sources; subclasses build their modules and load their weights.
 
     Attributes set by subclasses: ``dim``, ``depth``, ``blocks``, ``norm``, one of
     ``pos_embed_1d`` / ``pos_embed_2d`` (registered with ``persistent=False``), ``plane_size`` and
@@ -125,10 +161,16 @@ class SourceTransformer(nn.Module):
         """1 for sources with a 1D table (language), 2 for a 2D table (vision, audio)."""
         return 1 if getattr(self, "pos_embed_1d", None) is not None else 2
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """Run block ``index`` on tokens ``x`` (B, T, C) -> (B, T, C), calling ``ffn_hook(x, f)``
-        in place of the FFN's residual add ``x + f``."""
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """Run block ``index`` on tokens ``x`` (B, T, C) -> (B, T, C), calling ``ffn_hook(x, f)`` in
+        place of the FFN's residual add ``x + f`` and ``attn_hook(x, a)`` in place of the attention's
+        ``x + a`` (see :func:`residual`)."""
         raise NotImplementedError
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """Where block ``index``'s attention projections (``q``, ``k``, ``v``, output ``o``) live."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its attention weights are")
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load a weight file strictly (through the source's key converter) and record its hash."""
@@ -154,15 +196,6 @@ class SourceTransformer(nn.Module):
         check_state_dict_shapes(targets, state, what)
         for key, target in targets.items():
             target.copy_(state[key])
-
-    def freeze(self) -> None:
-        """Freeze every parameter and switch to eval mode; called at the end of ``__init__``."""
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "SourceTransformer":
-        """A frozen source always stays in eval mode (no dropout, fixed norms)."""
-        return super().train(False)
 
     def record_weights(self, path: str | Path) -> None:
         """Remember which file the weights came from, with its sha256 (for checkpoints)."""

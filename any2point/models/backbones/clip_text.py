@@ -1,11 +1,11 @@
-"""CLIP text tower (open_clip) as a frozen 1D source (paper sec. 3; DESIGN.md "The SourceTransformer
+"""CLIP text tower (open_clip) as a frozen 1D source (paper sec. 3; docs/method.md "The SourceTransformer
 contract").
 
 The paper's language source is the text encoder of OpenAI's CLIP ViT-L/14: 12 blocks of width 768
 and a 77-row positional-embedding table. The 3D tokens (B, T, C) run through its resblocks with full
 (bidirectional) attention within each sample: a causal mask orders words, and 3D tokens have no
 order. The official Any2Point code also calls these blocks without a mask, but feeds batch-first
-tokens into a sequence-first attention (DESIGN.md deviation 1); ``official_seq_first_bug: true``
+tokens into a sequence-first attention (docs/method.md deviation 1); ``official_seq_first_bug: true``
 reproduces that for loading released checkpoints and ablations.
 """
 from __future__ import annotations
@@ -17,14 +17,12 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import open_clip
 import torch
 import torch.nn as nn
-from open_clip.model import CLIPTextCfg
-from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import Tensor
 
-from any2point.models.backbones.base import FFNHook, SourceTransformer, read_state_dict
+from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
+                                             read_state_dict, residual, single)
 from any2point.registry import MODELS
 
 WEIGHTS_SOURCE = ("OpenAI (https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84"
@@ -99,12 +97,16 @@ class CLIPTextSource(SourceTransformer):
         pretrained: path of OpenAI's ``ViT-L-14.pt`` or of an open_clip checkpoint; ``None`` builds
             the tower at random init.
         official_seq_first_bug: reproduce the official code's attention across the batch at each
-            token position (DESIGN.md deviation 1) instead of across the tokens of each sample.
+            token position (docs/method.md deviation 1) instead of across the tokens of each sample.
     """
 
     def __init__(self, model_name: str = "ViT-L-14-quickgelu", width: Optional[int] = None,
                  depth: Optional[int] = None, heads: Optional[int] = None,
                  pretrained: Optional[str] = None, official_seq_first_bug: bool = False) -> None:
+        import open_clip
+        from open_clip.model import CLIPTextCfg
+        from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+
         super().__init__()
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
@@ -135,11 +137,11 @@ class CLIPTextSource(SourceTransformer):
         self.official_seq_first_bug = official_seq_first_bug
         if pretrained is not None:
             self.load_pretrained(pretrained)
-        self.freeze()
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """Block ``index`` on (B, T, C) -> (B, T, C), without attention mask; ``ffn_hook(x, f)``
-        replaces the FFN's residual add."""
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """Block ``index`` on (B, T, C) -> (B, T, C), without attention mask; the hooks replace the
+        residual adds of the attention and the FFN."""
         block = self.blocks[index]
         h = block.ln_1(x)
         if self.official_seq_first_bug:
@@ -147,9 +149,12 @@ class CLIPTextSource(SourceTransformer):
             a = block.attention(h.transpose(0, 1)).transpose(0, 1)
         else:
             a = block.attention(h)
-        x = x + block.ls_1(a)
-        f = block.ls_2(block.mlp(block.ln_2(x)))
-        return ffn_hook(x, f) if ffn_hook is not None else x + f
+        x = residual(attn_hook, x, block.ls_1(a))
+        return residual(ffn_hook, x, block.ls_2(block.mlp(block.ln_2(x))))
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """open_clip's ``nn.MultiheadAttention``: fused ``in_proj_weight`` and ``out_proj.weight``."""
+        return [fused_qkv("attn", "in_proj_weight", self.dim), single("attn", "out_proj.weight", "o", self.dim)]
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load the text tower out of an OpenAI TorchScript file or an open_clip checkpoint."""

@@ -1,5 +1,5 @@
 """Any Hugging Face ``transformers`` text encoder as a frozen 1D source (paper sec. 3 and Table 6;
-DESIGN.md "The SourceTransformer contract", generic sources).
+docs/method.md "The SourceTransformer contract", generic sources).
 
 BERT, RoBERTa, MiniLM, ELECTRA, XLM-R, CLIP's and SigLIP's text towers, ...: the encoder's absolute
 position-embedding table (its rows after any offset, such as RoBERTa's padding rows) is the 1D
@@ -35,19 +35,17 @@ import importlib.util
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-import transformers
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from torch import Tensor
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from any2point.models.backbones.base import FFNHook, SourceTransformer
+from any2point.models.backbones.base import AttentionWeight, ResidualHook, SourceTransformer, residual, single
 from any2point.registry import MODELS, ConfigError
+
+if TYPE_CHECKING:  # the model library loads only when a source is built
+    from transformers import PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger("any2point")
 
@@ -57,7 +55,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 
-LayerRunner = Callable[[nn.Module, Tensor, Optional[FFNHook]], Tensor]
+LayerRunner = Callable[[nn.Module, Tensor, Optional[ResidualHook], Optional[ResidualHook]], Tensor]
+# Names of the attention projections in transformers layers (BERT, CLIP, ViT, AST, ...).
+_PROJECTION_NAMES = {"query": "q", "q_proj": "q", "key": "k", "k_proj": "k", "value": "v", "v_proj": "v",
+                     "out_proj": "o", "o_proj": "o"}
 
 
 class SourceUnavailableError(FileNotFoundError):
@@ -96,6 +97,10 @@ def resolve_pretrained(ref: str, what: str, fetch: str) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     if _HUB_ID.match(ref) and not ref.startswith(("./", "../")):
         try:
             return Path(snapshot_download(ref, local_files_only=True))
@@ -133,6 +138,8 @@ def hf_config(folder: Optional[Path], architecture: Optional[dict], what: str) -
     names both describes the same model whether or not the weights are loaded, e.g. for
     ``tools/count_params.py``). Dual-encoder configs (CLIP, SigLIP) are compared on their text config.
     """
+    from transformers import AutoConfig
+
     if folder is None:
         if not architecture or "model_type" not in architecture:
             raise ConfigError(f"{what}: `pretrained: null` builds the model at random init from `architecture`, "
@@ -153,12 +160,16 @@ def hf_config(folder: Optional[Path], architecture: Optional[dict], what: str) -
 def build_hf_model(config: PretrainedConfig) -> PreTrainedModel:
     """The transformers base model of ``config`` at random init (transformers picks SDPA attention
     where the model supports it, as it does when loading)."""
+    from transformers import AutoModel
+
     return AutoModel.from_config(config)
 
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars (the caller checks the load strictly)."""
+    import transformers
+
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -181,6 +192,8 @@ def load_hf_model(folder: Path, used: Callable[[PreTrainedModel], list[nn.Module
     classifier) and base-model parts the source does not keep (word embeddings, pooler) do not apply
     to 3D tokens and are allowed.
     """
+    from transformers import AutoModel
+
     with _quiet_transformers():
         model, info = AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     kept = set()
@@ -220,25 +233,41 @@ def _has(module: nn.Module, *paths: str) -> bool:
         return False
 
 
-def _run_post_ln(layer: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
-    """BERT-family layer: ``h = LN_1(x + Attn(x))``; ``LN_2(hook(h, f))`` with ``f`` the FFN output."""
-    h = layer.attention(x)[0]
+def _run_post_ln(layer: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+                 attn_hook: Optional[ResidualHook]) -> Tensor:
+    """BERT-family layer: ``h = LN_1(x + a)`` with ``a`` the attention's projected output, then
+    ``LN_2(h + f)`` with ``f`` the FFN output; the hooks replace the two adds."""
+    attention = layer.attention
+    a = attention.output.dropout(attention.output.dense(attention.self(x)[0]))
+    h = attention.output.LayerNorm(residual(attn_hook, x, a))
     f = layer.output.dropout(layer.output.dense(layer.intermediate(h)))
-    return layer.output.LayerNorm(hook(h, f) if hook is not None else h + f)
+    return layer.output.LayerNorm(residual(ffn_hook, h, f))
 
 
-def _run_pre_ln_clip(layer: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
-    """CLIP-style pre-LN layer: ``x + Attn(LN_1(x))``, then ``hook(x, MLP(LN_2(x)))``."""
-    x = x + layer.self_attn(layer.layer_norm1(x))[0]
-    f = layer.mlp(layer.layer_norm2(x))
-    return hook(x, f) if hook is not None else x + f
+def _run_pre_ln_clip(layer: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+                     attn_hook: Optional[ResidualHook]) -> Tensor:
+    """CLIP-style pre-LN layer: ``x + Attn(LN_1(x))``, then ``x + MLP(LN_2(x))``."""
+    x = residual(attn_hook, x, layer.self_attn(layer.layer_norm1(x))[0])
+    return residual(ffn_hook, x, layer.mlp(layer.layer_norm2(x)))
 
 
-def _run_pre_ln_vit(layer: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
-    """ViT / AST-style pre-LN layer: ``x + Attn(LN_before(x))``, then ``hook(x, MLP(LN_after(x)))``."""
-    x = x + layer.dropout(layer.attention(layer.layernorm_before(x))[0])
-    f = layer.dropout(layer.mlp(layer.layernorm_after(x)))
-    return hook(x, f) if hook is not None else x + f
+def _run_pre_ln_vit(layer: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+                    attn_hook: Optional[ResidualHook]) -> Tensor:
+    """ViT / AST-style pre-LN layer: ``x + Attn(LN_before(x))``, then ``x + MLP(LN_after(x))``."""
+    x = residual(attn_hook, x, layer.dropout(layer.attention(layer.layernorm_before(x))[0]))
+    return residual(ffn_hook, x, layer.dropout(layer.mlp(layer.layernorm_after(x))))
+
+
+def hf_attention_weights(layer: nn.Module, dim: int) -> list[AttentionWeight]:
+    """The q / k / v / output projections of a transformers layer, found by their names
+    (``query``/``q_proj``, ..., ``out_proj``/``o_proj``, BERT's ``attention.output.dense``)."""
+    weights = []
+    for name, module in layer.named_modules():
+        leaf = name.rpartition(".")[2]
+        target = "o" if name.endswith("attention.output.dense") else _PROJECTION_NAMES.get(leaf)
+        if target is not None and isinstance(module, nn.Linear):
+            weights.append(single(name, "weight", target, dim))
+    return weights
 
 
 def layer_runner(layers: nn.ModuleList, what: str) -> LayerRunner:
@@ -247,7 +276,8 @@ def layer_runner(layers: nn.ModuleList, what: str) -> LayerRunner:
     if len(kinds) != 1:
         raise ValueError(f"{what}: the encoder mixes layer types {sorted(k.__name__ for k in kinds)}")
     layer = layers[0]
-    if _has(layer, "attention", "intermediate", "output.dense", "output.LayerNorm", "output.dropout"):
+    if _has(layer, "attention.self", "attention.output.dense", "attention.output.LayerNorm", "intermediate",
+            "output.dense", "output.LayerNorm", "output.dropout"):
         if hasattr(layer, "crossattention"):
             raise ValueError(f"{what}: {type(layer).__name__} is a decoder layer with cross-attention")
         return _run_post_ln
@@ -319,7 +349,7 @@ class HFEncoderSource(SourceTransformer):
         _, self.position_offset = _position_table(embeddings, what)
         try:  # layouts that match by their children but need more than the hidden states (DeBERTa)
             with torch.no_grad():
-                self._run_layer(self.blocks[0].eval(), torch.zeros(1, 2, self.dim), None)
+                self._run_layer(self.blocks[0].eval(), torch.zeros(1, 2, self.dim), None, None)
         except (TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"{what}: its {type(self.blocks[0]).__name__} layers need more inputs than the hidden "
                              f"states (e.g. relative positions), which 3D tokens do not have: {error}") from error
@@ -346,7 +376,6 @@ class HFEncoderSource(SourceTransformer):
             setattr(self, name, value)
         if folder is not None:
             self.load_pretrained(folder)
-        self.freeze()
 
     def _tables(self, root: nn.Module) -> dict[str, Tensor]:
         """``pos_embed_1d`` (the table's rows from the offset on) and, with a class token, its word
@@ -382,13 +411,18 @@ class HFEncoderSource(SourceTransformer):
             x = x + self.token_type_embed
         return self.embed_norm(x) if self.embed_norm is not None else x
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
         """Layer ``index`` on (B, T, C) -> (B, T, C), without attention mask; block 0 first runs
-        :meth:`embed_input`. ``ffn_hook(x, f)`` replaces the FFN's residual add (post-LN: its result
-        then goes through the layer's output LayerNorm)."""
+        :meth:`embed_input`. The hooks replace the residual adds of the attention and the FFN
+        (post-LN: their results then go through the layer's LayerNorms)."""
         if index == 0:
             x = self.embed_input(x)
-        return self._run_layer(self.blocks[index], x, ffn_hook)
+        return self._run_layer(self.blocks[index], x, ffn_hook, attn_hook)
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """The layer's q / k / v / output Linears, by name (:func:`hf_attention_weights`)."""
+        return hf_attention_weights(self.blocks[index], self.dim)
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load a saved transformers model folder (offline), strictly for the parts this source keeps."""

@@ -1,4 +1,4 @@
-"""ImageBind's audio encoder as a frozen 2D source (paper sec. 3; DESIGN.md "The SourceTransformer
+"""ImageBind's audio encoder as a frozen 2D source (paper sec. 3; docs/method.md "The SourceTransformer
 contract"), written here after ImageBind (Girdhar et al. 2023).
 
 ImageBind embeds a 128 mel x 204 frame spectrogram with a 16 x 16 convolution of stride 10 into a
@@ -6,8 +6,8 @@ ImageBind embeds a 128 mel x 204 frame spectrogram with a 16 x 16 convolution of
 table (1, 1 + 228, 768), and runs 12 pre-LN blocks of width 768 whose attention has learned key and
 value bias tokens (``nn.MultiheadAttention(add_bias_kv=True)``); its head starts with a LayerNorm,
 used here as the final norm. The virtual plane of the 2D projection is 192 x 304 px: the grid with
-one 16 px cell per patch. ImageBind's stochastic depth (rate 0.1) is left out: the source is frozen
-and always in eval mode, where it is the identity.
+one 16 px cell per patch. ImageBind's stochastic depth (rate 0.1) is left out (the identity in eval
+mode, where a frozen source runs).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import Tensor
 
-from any2point.models.backbones.base import FFNHook, SourceTransformer, read_state_dict
+from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
+                                             read_state_dict, residual, single)
 from any2point.registry import MODELS
 
 WEIGHTS_SOURCE = "Meta (https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth)"
@@ -108,17 +108,19 @@ class ImageBindBlock(nn.Module):
     (B, T, C) -> (B, T, C). Child names follow ImageBind's checkpoint keys."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        from timm.layers import Mlp
+
         super().__init__()
         self.attn = BiasKVAttention(dim, num_heads)
         self.norm_1 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.norm_2 = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """(B, T, C) -> (B, T, C); ``ffn_hook(x, f)`` replaces the FFN's residual add ``x + f``."""
-        x = x + self.attn(self.norm_1(x))
-        f = self.mlp(self.norm_2(x))
-        return ffn_hook(x, f) if ffn_hook is not None else x + f
+    def forward(self, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """(B, T, C) -> (B, T, C); the hooks replace the residual adds of the attention and the FFN."""
+        x = residual(attn_hook, x, self.attn(self.norm_1(x)))
+        return residual(ffn_hook, x, self.mlp(self.norm_2(x)))
 
 
 @MODELS.register()
@@ -159,7 +161,6 @@ class ImageBindAudioSource(SourceTransformer):
         self.cls_token = torch.randn(1, 1, embed_dim) * scale
         if pretrained is not None:
             self.load_pretrained(pretrained)
-        self.freeze()
 
     def _init_weights(self) -> None:
         """ImageBind's trunk init: Xavier-uniform linear weights, zero biases."""
@@ -168,9 +169,14 @@ class ImageBindAudioSource(SourceTransformer):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """Block ``index`` on (B, T, C) -> (B, T, C); ``ffn_hook(x, f)`` replaces the FFN's residual add."""
-        return self.blocks[index](x, ffn_hook)
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """Block ``index`` on (B, T, C) -> (B, T, C); the hooks replace the residual adds."""
+        return self.blocks[index](x, ffn_hook, attn_hook)
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """:class:`BiasKVAttention`: fused ``in_proj_weight`` and ``out_proj.weight``."""
+        return [fused_qkv("attn", "in_proj_weight", self.dim), single("attn", "out_proj.weight", "o", self.dim)]
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load the audio encoder out of ImageBind's checkpoint through its key converter."""

@@ -1,4 +1,4 @@
-"""Any timm Vision Transformer as a frozen 2D source (paper Table 6; DESIGN.md "The SourceTransformer
+"""Any timm Vision Transformer as a frozen 2D source (paper Table 6; docs/method.md "The SourceTransformer
 contract", generic sources): DeiT, ViT (AugReg, CLIP-style with ``norm_pre``), DINOv2 variants
 without register tokens, DeiT-III, EVA without rotary embeddings, ... by timm model name.
 
@@ -29,20 +29,17 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
-from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
-from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor
 
-from any2point.models.backbones.base import (FFNHook, SourceTransformer, check_state_dict_keys,
-                                             check_state_dict_shapes)
+from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer,
+                                             check_state_dict_keys, check_state_dict_shapes, fused_qkv,
+                                             residual, single)
 from any2point.models.backbones.hf_encoder import hf_download_hint, resolve_pretrained
 from any2point.registry import MODELS
 
-BlockRunner = Callable[[nn.Module, Tensor, Optional[FFNHook]], Tensor]
+BlockRunner = Callable[[nn.Module, Tensor, Optional[ResidualHook], Optional[ResidualHook]], Tensor]
 # Checkpoint keys of a timm ViT that do not apply to 3D tokens.
 _UNUSED_PREFIXES = (
     "patch_embed.",  # image patchifier: the 3D tokenizer produces the tokens instead
@@ -52,32 +49,36 @@ _UNUSED_PREFIXES = (
 TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
 
-def _run_pre_norm(block: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
-    """timm ``Block``: ``x + LS_1(Attn(N_1(x)))``, then ``hook(x, LS_2(MLP(N_2(x))))``."""
-    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-    f = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return hook(x, f) if hook is not None else x + f
+def _run_pre_norm(block: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+                  attn_hook: Optional[ResidualHook]) -> Tensor:
+    """timm ``Block``: ``x + LS_1(Attn(N_1(x)))``, then ``x + LS_2(MLP(N_2(x)))`` (hooks replace the adds)."""
+    x = residual(attn_hook, x, block.drop_path1(block.ls1(block.attn(block.norm1(x)))))
+    return residual(ffn_hook, x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
 
-def _run_eva(block: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
+def _run_eva(block: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+             attn_hook: Optional[ResidualHook]) -> Tensor:
     """timm ``EvaBlock`` (pre-norm, optional gammas): as :func:`_run_pre_norm`, without rotary embedding."""
     a = block.attn(block.norm1(x))
-    x = x + block.drop_path1(a if block.gamma_1 is None else block.gamma_1 * a)
+    x = residual(attn_hook, x, block.drop_path1(a if block.gamma_1 is None else block.gamma_1 * a))
     f = block.mlp(block.norm2(x))
-    f = block.drop_path2(f if block.gamma_2 is None else block.gamma_2 * f)
-    return hook(x, f) if hook is not None else x + f
+    return residual(ffn_hook, x, block.drop_path2(f if block.gamma_2 is None else block.gamma_2 * f))
 
 
-def _run_res_post_norm(block: nn.Module, x: Tensor, hook: Optional[FFNHook]) -> Tensor:
-    """``ResPostBlock`` / ``EvaBlockPostNorm``: ``x + N_1(Attn(x))``, then ``hook(x, N_2(MLP(x)))``."""
-    x = x + block.drop_path1(block.norm1(block.attn(x)))
-    f = block.drop_path2(block.norm2(block.mlp(x)))
-    return hook(x, f) if hook is not None else x + f
+def _run_res_post_norm(block: nn.Module, x: Tensor, ffn_hook: Optional[ResidualHook],
+                       attn_hook: Optional[ResidualHook]) -> Tensor:
+    """``ResPostBlock`` / ``EvaBlockPostNorm``: ``x + N_1(Attn(x))``, then ``x + N_2(MLP(x))``."""
+    x = residual(attn_hook, x, block.drop_path1(block.norm1(block.attn(x))))
+    return residual(ffn_hook, x, block.drop_path2(block.norm2(block.mlp(x))))
 
 
-# Exact block types (subclasses may change the forward): the function that runs each.
-BLOCK_RUNNERS: dict[type, BlockRunner] = {Block: _run_pre_norm, EvaBlock: _run_eva,
-                                          ResPostBlock: _run_res_post_norm, EvaBlockPostNorm: _run_res_post_norm}
+def block_runners() -> dict[type, BlockRunner]:
+    """Exact block types (subclasses may change the forward): the function that runs each."""
+    from timm.models.eva import EvaBlock, EvaBlockPostNorm
+    from timm.models.vision_transformer import Block, ResPostBlock
+
+    return {Block: _run_pre_norm, EvaBlock: _run_eva, ResPostBlock: _run_res_post_norm,
+            EvaBlockPostNorm: _run_res_post_norm}
 
 
 def timm_weight_file(path: Path) -> Path:
@@ -94,6 +95,8 @@ def read_timm_checkpoint(path: Path) -> dict[str, Tensor]:
     """The tensors of a timm weight file (safetensors or ``torch.save``), unwrapped from a ``model`` /
     ``state_dict`` entry and from DDP's ``module.`` prefixes."""
     if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -125,6 +128,9 @@ class TimmViTSource(SourceTransformer):
     def __init__(self, model_name: str = "deit_base_patch16_224", img_size: Optional[int] = None,
                  embed_dim: Optional[int] = None, depth: Optional[int] = None, num_heads: Optional[int] = None,
                  pretrained: Optional[str] = None) -> None:
+        from timm.models.eva import Eva
+        from timm.models.vision_transformer import VisionTransformer
+
         super().__init__()
         self.model_name = model_name
         self._create_args = {k: v for k, v in dict(img_size=img_size, embed_dim=embed_dim, depth=depth,
@@ -134,9 +140,10 @@ class TimmViTSource(SourceTransformer):
         if not isinstance(vit, (VisionTransformer, Eva)):
             raise ValueError(f"{what} is a {type(vit).__name__}, not a timm VisionTransformer or Eva")
         kinds = {type(block) for block in vit.blocks}
-        if len(kinds) != 1 or next(iter(kinds)) not in BLOCK_RUNNERS:
+        runners = block_runners()
+        if len(kinds) != 1 or next(iter(kinds)) not in runners:
             raise ValueError(f"{what} has blocks {sorted(k.__name__ for k in kinds)}; this source runs "
-                             f"{', '.join(k.__name__ for k in BLOCK_RUNNERS)}")
+                             f"{', '.join(k.__name__ for k in runners)}")
         has_cls = vit.cls_token is not None
         if vit.num_prefix_tokens != int(has_cls):
             raise ValueError(f"{what} has {vit.num_prefix_tokens} prefix tokens (register or distillation "
@@ -154,7 +161,7 @@ class TimmViTSource(SourceTransformer):
         self.dim = vit.embed_dim
         self.blocks = vit.blocks
         self.depth = len(self.blocks)
-        self._run_block = BLOCK_RUNNERS[next(iter(kinds))]
+        self._run_block = runners[next(iter(kinds))]
         self.norm_pre = vit.norm_pre
         self._norm_name = "fc_norm" if isinstance(vit.norm, nn.Identity) else "norm"
         self.norm = getattr(vit, self._norm_name)
@@ -167,10 +174,11 @@ class TimmViTSource(SourceTransformer):
         if pretrained is not None:
             fetch = f"{hf_download_hint(pretrained)}, or fetch the weight file named in the model's timm pretrained_cfg"
             self.load_pretrained(resolve_pretrained(pretrained, f"TimmViTSource '{model_name}'", fetch))
-        self.freeze()
 
     def _create(self) -> nn.Module:
         """The full timm model at random init (never downloads: ``pretrained=False``)."""
+        import timm
+
         return timm.create_model(self.model_name, pretrained=False, num_classes=0, **self._create_args)
 
     def _tables(self, pos_embed: Tensor, cls_token: Optional[Tensor], no_embed_class: bool) -> dict[str, Tensor]:
@@ -184,12 +192,22 @@ class TimmViTSource(SourceTransformer):
             tables["cls_pos_embed"] = pos_embed[:, :1].clone() if prefix else torch.zeros_like(tables["cls_token"])
         return tables
 
-    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[FFNHook] = None) -> Tensor:
-        """Block ``index`` on (B, T, C) -> (B, T, C); block 0 first applies ``norm_pre``.
-        ``ffn_hook(x, f)`` replaces the FFN's residual add."""
+    def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
+                      attn_hook: Optional[ResidualHook] = None) -> Tensor:
+        """Block ``index`` on (B, T, C) -> (B, T, C); block 0 first applies ``norm_pre``. The hooks
+        replace the residual adds of the attention and the FFN."""
         if index == 0:
             x = self.norm_pre(x)
-        return self._run_block(self.blocks[index], x, ffn_hook)
+        return self._run_block(self.blocks[index], x, ffn_hook, attn_hook)
+
+    def attention_weights(self, index: int) -> list[AttentionWeight]:
+        """timm attention: a fused ``qkv`` Linear (or EVA's ``q_proj`` / ``k_proj`` / ``v_proj``) and ``proj``."""
+        attn = self.blocks[index].attn
+        if getattr(attn, "qkv", None) is not None:
+            weights = [fused_qkv("attn.qkv", "weight", self.dim)]
+        else:
+            weights = [single(f"attn.{t}_proj", "weight", t, self.dim) for t in "qkv"]
+        return weights + [single("attn.proj", "weight", "o", self.dim)]
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load a timm checkpoint (a file, or a folder holding one) strictly: timm's converter for the

@@ -1,0 +1,175 @@
+"""The Any2Point tuner: the any-to-3D guided adapter in every block of a frozen source (paper
+sec. 3, "Any-to-3D guided adapter"); its building blocks are in :mod:`any2point.models.adapter`.
+
+Per batch, the projection says which cell every point token is in, in every view
+(:meth:`~any2point.models.projection.VirtualProjection.token_cells`); :meth:`GuidedAdapter.context`
+turns that into the attention masks and segment ids all blocks share (:class:`GuidanceContext`).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from any2point.extensions import voxel_ids
+from any2point.models.adapter import AdapterBlock, Pool, ViewLocalAttention, compact_segments, pool_segments
+from any2point.models.backbones.base import ResidualHook
+from any2point.models.peft.base import BlockHooks, Tuner
+from any2point.models.projection import CellKind, Projected, VirtualProjection
+from any2point.registry import MODELS, ConfigError
+
+GuidanceKind = Literal["source", "1d", "2d", "3d"]
+Position = Literal["after", "before", "parallel"]
+
+
+@dataclass
+class GuidanceContext:
+    """Cells and voxels of one batch, shared by the adapters of every block.
+
+    Attributes:
+        shape: ``(B, M, G)``.
+        mask: ``(B * M, 1, G, G)``, True where two tokens share a cell in a view.
+        cell_ids: ``(B * M * G,)`` index of each (sample, view, token)'s non-empty cell.
+        view_of_cell: ``(U,)`` the view of each non-empty cell.
+        voxel_ids: ``(B * G,)`` index of each (sample, token)'s non-empty voxel (``None`` without the
+            cosine ensemble, which alone uses the 3D branch).
+        num_voxels: number of non-empty voxels in the batch.
+    """
+
+    shape: tuple[int, int, int]
+    mask: Tensor
+    cell_ids: Tensor
+    view_of_cell: Tensor
+    voxel_ids: Optional[Tensor]
+    num_voxels: int
+
+
+@MODELS.register()
+class GuidedAdapter(Tuner):
+    """Any2Point's tuner: the any-to-3D guided adapters of all blocks, after each block's FFN, on a
+    frozen source (its final norm trains).
+
+    :meth:`prepare` builds the batch's :class:`GuidanceContext` once from the projection (the cell of
+    every token in every view); :meth:`hooks` gives block ``i`` its adapter as the FFN hook.
+
+    Args:
+        dim, depth, num_views: the source's width and number of blocks, and the projection's M
+            (injected).
+        bottleneck: the bottleneck width r (8 to 16 in the paper's runs).
+        scale: s, the bottleneck output's scale.
+        dropout: dropout inside the bottleneck.
+        coef: c, the weight of the guided branch.
+        attn_dim, attn_heads: width and heads of the local attentions (12 and 6: heads of 2).
+        pool: per-cell pooling, ``mean`` or ``maxmean`` (max + mean).
+        guidance: the cells of the local attention: ``source`` (1D for a 1D source, 2D for a 2D one,
+            the paper), or ``1d`` / ``2d`` / ``3d`` (voxels) for the ablation.
+        cell_size: side of a cell: rows for 1D (default 2), pixels for 2D (default the source's
+            patch size), unit-sphere length for 3D (default ``voxel_size``).
+        voxel_size: voxel side of the 3D branch, on the centres normalised to the unit sphere.
+        ensemble: weight the views by their cosine agreement with the 3D branch; else average them
+            (and build no 3D branch).
+        position: ``after`` the FFN (the paper: the bottleneck reads the FFN output), ``parallel``
+            (the bottleneck reads the FFN's input stream), or ``before`` (the adapter transforms the
+            stream before the FFN output is added).
+        insert_depth: adapt only the first ``insert_depth`` blocks (default: all).
+        projection: the virtual projection (injected): checked to be able to cut the guidance's cells.
+    """
+
+    injected_args = ("dim", "depth", "num_views", "projection")
+
+    def __init__(self, dim: int, depth: int, num_views: int, bottleneck: int = 16, scale: float = 0.3,
+                 dropout: float = 0.1, coef: float = 0.3, attn_dim: int = 12, attn_heads: int = 6,
+                 pool: Pool = "mean", guidance: GuidanceKind = "source", cell_size: Optional[float] = None,
+                 voxel_size: float = 0.08, ensemble: bool = True, position: Position = "after",
+                 insert_depth: Optional[int] = None, projection: Optional[VirtualProjection] = None) -> None:
+        super().__init__()
+        for key, value, allowed in (("pool", pool, Pool), ("guidance", guidance, GuidanceKind),
+                                    ("position", position, Position)):
+            if value not in allowed.__args__:
+                raise ConfigError(f"adapter {key} must be one of {allowed.__args__}, got '{value}'")
+        insert_depth = depth if insert_depth is None else insert_depth
+        if not 0 <= insert_depth <= depth:
+            raise ConfigError(f"adapter insert_depth must be in 0..{depth}, got {insert_depth}")
+        if bottleneck < 1 or voxel_size <= 0 or (cell_size is not None and cell_size <= 0):
+            raise ConfigError("adapter bottleneck, voxel_size and cell_size must be positive, got "
+                              f"{bottleneck}, {voxel_size}, {cell_size}")
+        self.scale, self.coef, self.pool = scale, coef, pool
+        self.guidance, self.cell_size, self.voxel_size = guidance, cell_size, voxel_size
+        self.ensemble, self.position, self.insert_depth = ensemble, position, insert_depth
+        self.local_attention = ViewLocalAttention(num_views, dim, attn_dim, attn_heads)
+        self.blocks = nn.ModuleList(AdapterBlock(dim, bottleneck, dropout, num_views, ensemble)
+                                    for _ in range(insert_depth))
+        if projection is not None:
+            projection.check_cells(self.cell_kind(projection), self.guidance_cell_size(), "adapter")
+
+    def cell_kind(self, projection: VirtualProjection) -> CellKind:
+        """The kind of the guidance's cells; ``source`` is the projection's own (1D or 2D)."""
+        if self.guidance != "source":
+            return self.guidance
+        return "1d" if projection.modality_dim == 1 else "2d"
+
+    def guidance_cell_size(self) -> Optional[float]:
+        """The cell side asked for (3D cells default to the voxel size)."""
+        return self.cell_size if self.guidance != "3d" else (self.cell_size or self.voxel_size)
+
+    def prepare(self, projected: Projected, projection: VirtualProjection) -> GuidanceContext:
+        """The batch's :class:`GuidanceContext` from the projection's cells of every token."""
+        cells = projection.token_cells(projected, self.cell_kind(projection), self.guidance_cell_size())
+        return self.context(cells, projected.unit)
+
+    def context(self, cells: Tensor, unit: Tensor) -> GuidanceContext:
+        """Build the batch's :class:`GuidanceContext` from the cell of each token in each view
+        ``(B, M, G)`` and the unit-sphere centres ``(B, G, 3)`` (voxelised here for the 3D branch)."""
+        b, m, g = cells.shape
+        mask = (cells[..., :, None] == cells[..., None, :]).reshape(b * m, 1, g, g)
+        cell_ids, cell_row = compact_segments(cells.reshape(b * m, g))
+        if not self.ensemble:
+            return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, None, 0)
+        voxel_index, voxel_row = compact_segments(voxel_ids(unit, self.voxel_size))
+        return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, voxel_index, voxel_row.numel())
+
+    def hook(self, index: int, context: GuidanceContext) -> Optional[ResidualHook]:
+        """The FFN hook of block ``index``, or ``None`` past ``insert_depth`` (plain ``x + f``)."""
+        if index >= self.insert_depth:
+            return None
+        return functools.partial(self._forward_block, self.blocks[index], context)
+
+    def hooks(self, index: int, context: GuidanceContext) -> BlockHooks:
+        return BlockHooks(ffn=self.hook(index, context))
+
+    def _forward_block(self, block: AdapterBlock, context: GuidanceContext, x: Tensor, f: Tensor) -> Tensor:
+        if self.position == "after":
+            return self._guide(block, context, x + f + self.scale * block.bottleneck(f))
+        if self.position == "parallel":
+            return self._guide(block, context, x + f + self.scale * block.bottleneck(x))
+        return self._guide(block, context, x + self.scale * block.bottleneck(x)) + f
+
+    def _guide(self, block: AdapterBlock, context: GuidanceContext, z: Tensor) -> Tensor:
+        """The guided branch on the point tokens of ``z (B, 1 + G, C)``; the cls token passes."""
+        b, m, g = context.shape
+        cls, points = z[:, :1], z[:, 1:]
+        c = points.shape[-1]
+        local = self.local_attention(points, context.mask).reshape(b * m * g, c)
+        pooled = pool_segments(local, context.cell_ids, context.view_of_cell.numel(), self.pool)
+        views = F.gelu(block.view_norm(pooled, context.view_of_cell))[context.cell_ids].reshape(b, m, g, c)
+        if self.ensemble:
+            flat = points.reshape(b * g, c)
+            pooled3d = pool_segments(flat, context.voxel_ids, context.num_voxels, "maxmean")
+            groups = torch.zeros(context.num_voxels, dtype=torch.long, device=z.device)
+            voxels = F.gelu(block.voxel_norm(pooled3d, groups))[context.voxel_ids].reshape(b, 1, g, c)
+            weights = (F.cosine_similarity(views, voxels, dim=-1) + 1) / 2
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            guided = (weights.unsqueeze(-1) * views).sum(dim=1)
+        else:
+            guided = views.mean(dim=1)
+        return torch.cat([cls, points + self.coef * guided], dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"scale={self.scale}, coef={self.coef}, pool={self.pool}, guidance={self.guidance}, "
+                f"cell_size={self.cell_size}, voxel_size={self.voxel_size}, ensemble={self.ensemble}, "
+                f"position={self.position}, insert_depth={self.insert_depth}")
