@@ -3,13 +3,15 @@
 A step is what the trainer does per batch: forward, cross-entropy, backward, gradient clipping and
 the optimizer step, on random clouds of ``--points`` points. The script prints one JSON line:
 
-- ``step_s_median`` / ``step_s_min`` over ``--repeats`` timed steps after two warm-up steps, and
-  ``samples_per_s`` from the median;
+- ``step_s_median`` / ``step_s_min`` over ``--repeats`` timed steps after two warm-up steps,
+  ``samples_per_s`` from the median, and ``step_thread_cpu_s_min``, the least CPU time of the
+  calling thread over those steps (with ``--threads 1`` a figure a busy shared machine disturbs
+  far less than wall time);
 - ``flops_per_step``: counted by ``torch.utils.flop_counter`` over one step (matmuls,
   convolutions and attention; element-wise work is not counted, as usual for MFU);
 - ``matmul_flops_per_s``: the best of several dense square matmuls (fp32, or bf16 with ``--amp``)
   timed in the same run, before and after the steps; ``mfu`` = FLOPs per step / median step time /
-  that figure;
+  that figure, and ``mfu_thread_cpu`` the same from thread CPU times (step and matmul);
 - ``peak_memory_bytes``: CUDA ``max_memory_allocated`` over a step; on the CPU the peak resident
   memory of a fresh process that builds the model and runs two steps (``memory_process``), and its
   resident memory before the first step (``rss_before_step_bytes``);
@@ -17,8 +19,10 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
   of its operators, forward and backward, its counted FLOPs and FLOP/s, and the optimizer's time
   (clipping and the update). An operator belongs to the stage of the innermost frame of the model's
   source files that called it (``models/tokenizer.py`` -> tokenizer, ``models/backbones/`` ->
-  blocks, ...); in the backward pass an operator belongs to the stage whose forward operator
-  created the autograd node being run. The attribution therefore follows the files, not module
+  blocks, ...); in the backward pass, outside such frames (custom autograd functions run their
+  own), an operator belongs to the stage whose forward operator created the autograd node being
+  run. The FLOPs are those of the registry of ``torch.utils.flop_counter``, which does not count
+  in-place ``addmm_``. The attribution therefore follows the files, not module
   names, and survives refactors of the model classes. Timing every operator adds overhead, so these
   figures come from one extra step and are reported as times and shares of their own sum.
 
@@ -144,15 +148,23 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def matmul_flops_per_s(device: torch.device, amp: bool, size: int = 2048, repeats: int = 5) -> float:
-    """The best rate of a dense ``size^3`` matmul (bf16 under ``amp`` on CUDA, else fp32)."""
+def timed_with_cpu(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, float]:
+    """Wall time and this thread's CPU time of ``fn`` (the latter is robust to a busy machine)."""
+    start = time.thread_time()
+    wall = timed(fn, sync)
+    return wall, time.thread_time() - start
+
+
+def matmul_flops_per_s(device: torch.device, amp: bool, size: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """The best rate of a dense ``size^3`` matmul (bf16 under ``amp`` on CUDA, else fp32), by wall
+    time and by this thread's CPU time."""
     dtype = torch.bfloat16 if amp and device.type == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.mm(a, b)
-    best = min(timed(lambda: torch.mm(a, b), sync) for _ in range(repeats))
-    return 2 * size**3 / best
+    wall, cpu = zip(*[timed_with_cpu(lambda: torch.mm(a, b), sync) for _ in range(repeats)])
+    return 2 * size**3 / min(wall), 2 * size**3 / min(cpu)
 
 
 def count_flops(step: Step) -> int:
@@ -181,7 +193,9 @@ class StageTimer:
         self.child_of = {id(module): name for name, child in model.named_children() for module in child.modules()}
         self.active: list[str] = []
 
-    def forward_stage(self) -> str:
+    def frame_stage(self) -> Optional[str]:
+        """The stage of the innermost frame in the model's files, if any (also in the backward of
+        custom autograd functions, which runs their Python code)."""
         frame = sys._getframe(1)
         while frame is not None:
             filename = frame.f_code.co_filename
@@ -192,7 +206,7 @@ class StageTimer:
                 owners = [name for name in self.active if name]
                 return "head" if owners and owners[-1] in HEAD_CHILDREN else "other"
             frame = frame.f_back
-        return "other"
+        return None
 
     def tag(self, node: Any, stage: str) -> None:
         """Charge the backward of ``node`` (and of untagged nodes feeding it, e.g. custom
@@ -224,7 +238,7 @@ class _TimeOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         timer = self.timer
-        stage = (timer.backward_stage if timer.in_backward else timer.forward_stage()) or "other"
+        stage = timer.frame_stage() or (timer.backward_stage if timer.in_backward else None) or "other"
         timer.sync()
         start = time.perf_counter()
         out = func(*args, **kwargs)
@@ -241,7 +255,7 @@ class _TagNodes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         if torch.is_grad_enabled() and not self.timer.in_backward:
-            stage = self.timer.forward_stage()
+            stage = self.timer.frame_stage() or "other"
             for tensor in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(tensor, torch.Tensor):
                     self.timer.tag(tensor.grad_fn, stage)
@@ -323,13 +337,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(json.dumps(report))
         return report
 
-    peak_rate = matmul_flops_per_s(step.device, args.amp)
+    rates = [matmul_flops_per_s(step.device, args.amp)]
     for _ in range(2):
         step()
     if step.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(step.device)
-    times = [timed(step, step.sync) for _ in range(args.repeats)]
-    peak_rate = max(peak_rate, matmul_flops_per_s(step.device, args.amp))
+    times, cpu_times = zip(*[timed_with_cpu(step, step.sync) for _ in range(args.repeats)])
+    rates.append(matmul_flops_per_s(step.device, args.amp))
+    peak_rate, peak_cpu_rate = max(r[0] for r in rates), max(r[1] for r in rates)
     flops = count_flops(step)
     median = statistics.median(times)
     report: dict[str, Any] = {
@@ -338,10 +353,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "compile": args.compile, "repeats": args.repeats, "system_malloc": args.system_malloc,
         "step_s_median": round(median, 4), "step_s_min": round(min(times), 4),
         "samples_per_s": round(args.batch_size / median, 2),
+        "step_thread_cpu_s_min": round(min(cpu_times), 4),
         "flops_per_step": flops, "matmul_flops_per_s": round(peak_rate),
+        "matmul_flops_per_thread_cpu_s": round(peak_cpu_rate),
         "mfu": round(flops / median / peak_rate, 4),
+        "mfu_thread_cpu": round(flops / min(cpu_times) / peak_cpu_rate, 4),
     }
-    if step.device.type == "cuda":
+    if step.device.type == "cuda":  # the host thread's CPU time says nothing about the GPU
+        for key in ("step_thread_cpu_s_min", "matmul_flops_per_thread_cpu_s", "mfu_thread_cpu"):
+            del report[key]
         report["device_name"] = torch.cuda.get_device_name(step.device)
         report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(step.device)
     elif not args.no_memory_process:

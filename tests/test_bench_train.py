@@ -14,7 +14,7 @@ TINY = {
     "model": {"type": "Any2Point", "num_classes": 4,
               "source": {"type": "CLIPTextSource", "width": 32, "depth": 2, "heads": 2, "pretrained": None},
               "tokenizer": {"type": "PointPNTokenizer", "k": 8},
-              "adapter": {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}},
+              "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}},
     "dataset": {"type": "SyntheticShapes", "num_points": 128, "train_size": 8, "val_size": 4, "test_size": 4},
 }
 

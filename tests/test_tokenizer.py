@@ -159,3 +159,19 @@ def test_state_dict_keys_are_those_of_the_conv_modules():
                      "net1.1.num_batches_tracked": (), "net2.0.weight": (384, 192, 1, 1), "net2.0.bias": (384,),
                      "net2.1.weight": (384,), "net2.1.bias": (384,), "net2.1.running_mean": (384,),
                      "net2.1.running_var": (384,), "net2.1.num_batches_tracked": ()}
+
+
+def test_fused_training_path_runs_in_fp32_under_autocast():
+    """Mixed precision leaves the fused stage in fp32: the same output and gradients as without."""
+    torch.manual_seed(3)
+    stage = PointPNStage(width=16, mid=8, num_blocks=1, k=5, norm="scan", alpha=1000.0, beta=100.0)
+    twin = copy.deepcopy(stage)
+    xyz, feats = torch.randn(2, 20, 3), torch.randn(2, 20, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stage(xyz, feats)[1]
+    out_fp32 = twin(xyz, feats)[1]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, out_fp32)
+    (grad,) = torch.autograd.grad(out.sum(), feats)
+    (grad_fp32,) = torch.autograd.grad(out_fp32.sum(), feats)
+    torch.testing.assert_close(grad, grad_fp32)

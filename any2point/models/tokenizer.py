@@ -188,7 +188,9 @@ class PointPNStage(nn.Module):
         offsets = self._normalize(group(xyz, nbr_idx, centres))
         if self.training and self.recompute:
             params = [p for block in self.blocks for p in _block_params(block)]
-            return centres, _FusedBlocks.apply(self, feats, nbr_idx, centre_idx, offsets, *params)
+            with torch.autocast(xyz.device.type, enabled=False):  # the fused function runs in fp32
+                tokens = _FusedBlocks.apply(self, feats.float(), nbr_idx, centre_idx, offsets.float(), *params)
+            return centres, tokens
         x = self.grouped_input(feats, nbr_idx, centre_idx, offsets)
         for block in self.blocks:
             x = self._block(block, x)
