@@ -125,7 +125,9 @@ def origin_of(node: DictConfig, key: str) -> Optional[str]:
         if full in provenance:
             return provenance[full]
         parent = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", full)  # "a.b[1].c" -> "a.b[1]" -> "a.b" -> "a"
-        full = parent if parent != full else ""
+        if parent == full:
+            return None
+        full = parent
     return None
 
 
