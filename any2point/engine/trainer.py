@@ -280,21 +280,21 @@ class Trainer:
             epochs = self.cfg.train.epochs
             end = epochs if stop_after is None else min(epochs, self.start_epoch + stop_after)
             for self.epoch in range(self.start_epoch, end):
-                self.stats: dict[str, Any] = {"train": self.train_epoch()}
+                self.stats: dict[str, Any] = {"train": self.train_epoch(self.epoch)}
                 self.call("after_epoch")
             return self.final_test() if end == epochs else None
         finally:
             self.close()
 
-    def train_epoch(self) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch of optimizer steps; returns the mean loss, the accuracy and the last LR."""
         t = self.cfg.train
         self.net.train()
-        self.train_set.set_epoch(self.epoch)
-        self.train_loader.sampler.set_epoch(self.epoch)
+        self.train_set.set_epoch(epoch)
+        self.train_loader.sampler.set_epoch(epoch)
         meter = self.task.meter(self.device)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False,
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                    disable=None if distributed.is_main() else True)
         for batch in bar:
             with autocast(self.device, t.amp):
