@@ -122,7 +122,11 @@ def read_released(path: str | Path, run: OfficialRun) -> tuple[dict[str, Tensor]
     if not path.is_file():
         raise CheckpointError(f"released checkpoint not found: {path} (download {run.released_file} from "
                               f"{run.download})")
-    allowed = [np.core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in ("f8", "f4", "i8"))]
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # NumPy < 2
+        from numpy.core.multiarray import scalar
+    allowed = [scalar, np.dtype, *(type(np.dtype(t)) for t in ("f8", "f4", "i8"))]
     try:
         with torch.serialization.safe_globals(allowed):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -282,6 +286,22 @@ def convert_state(state: Mapping[str, Tensor], layout: str, expected: Mapping[st
         if key in frozen_expected and key not in out.frozen:
             out.dropped.append((f"(absent) {key}", reason))
     return out
+
+
+def model_keys(model: torch.nn.Module) -> tuple[dict[str, torch.Size], dict[str, torch.Size], dict[str, str]]:
+    """What a released file must fill in ``model`` (built from the run's preset, on any device,
+    ``meta`` included): our trainable keys and shapes, the frozen source's ``source.blocks.*`` keys
+    and shapes, and the frozen keys the released files do not hold (key -> reason)."""
+    from any2point.engine.checkpoint import frozen_prefixes
+
+    frozen = tuple(p + "." for p in frozen_prefixes(model))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: s for k, s in shapes.items() if not k.startswith(frozen)}
+    frozen_expected = {k: s for k, s in shapes.items() if k.startswith("source.blocks.")}
+    absent = {k: ("ImageBind's bias key / value: not in the released file (the released code's attention has "
+                  "none, deviation 8); unused with official_plain_qkv")
+              for k in frozen_expected if k.endswith(("attn.bias_k", "attn.bias_v"))}
+    return expected, frozen_expected, absent
 
 
 def compare_frozen(released: Mapping[str, Tensor], source: Mapping[str, Tensor], atol: float = 1e-6) -> list[str]:

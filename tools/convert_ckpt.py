@@ -34,33 +34,28 @@ def _plain(value: Any) -> Any:
 
 
 def convert(official: str, run_name: str, out: str, source_file: Optional[str] = None,
-            verbose: bool = False) -> dict[str, Any]:
-    """Convert ``official`` for ``run_name`` into ``out``; print the report; return the checkpoint."""
+            verbose: bool = False, config: Optional[str] = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Convert ``official`` for ``run_name`` into ``out`` under the run's preset (or ``config``, with
+    ``overrides``); print the report; return the checkpoint."""
     import torch
     from omegaconf import OmegaConf
 
     from any2point import build_model, load_config
-    from any2point.engine.checkpoint import frozen_prefixes, save_atomic
-    from any2point.official import RUNS, compare_frozen, convert_state, read_released
+    from any2point.engine.checkpoint import save_atomic
+    from any2point.official import RUNS, compare_frozen, convert_state, model_keys, read_released
     from any2point.registry import MODELS, build_from_cfg
 
     run = RUNS[run_name]
     state, meta = read_released(official, run)
-    cfg = load_config(ROOT / run.preset)
+    cfg = load_config(config if config is not None else ROOT / run.preset, overrides)
     source_cfg = cfg.model.source
     source_file = source_file if source_file is not None else source_cfg.get("pretrained")
     source_cfg.pretrained = None
     with torch.device("meta"):
         model = build_model(cfg.model)
-    frozen = tuple(p + "." for p in frozen_prefixes(model))
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    expected = {k: s for k, s in shapes.items() if not k.startswith(frozen)}
-    frozen_expected = {k: s for k, s in shapes.items() if k.startswith("source.blocks.")}
+    expected, frozen_expected, absent = model_keys(model)
     imagebind = source_cfg.type == "ImageBindAudioSource"
-    allowed = {k: "ImageBind's bias key / value: not in the released file (the released code's attention has "
-                  "none, deviation 8); unused with official_plain_qkv"
-               for k in frozen_expected if imagebind and k.endswith(("attn.bias_k", "attn.bias_v"))}
-    conversion = convert_state(state, run.layout, expected, frozen_expected, imagebind, allowed)
+    conversion = convert_state(state, run.layout, expected, frozen_expected, imagebind, absent)
 
     identity = None
     if source_file is not None and Path(source_file).exists():
@@ -76,8 +71,9 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
                   file=sys.stderr)
     else:
         source_cfg.pretrained = str(source_file) if source_file is not None else None
-        frozen_note = (f"not compared: the source file {source_file} is not here (main.py --test needs it; "
-                       f"it will not check the checkpoint's source identity)")
+        frozen_note = ("not compared: no source file given" if source_file is None else
+                       f"not compared: the source file {source_file} is not here (main.py --test needs it, and "
+                       f"will not check the checkpoint's source identity)")
 
     ckpt = {"model": conversion.model, "config": OmegaConf.to_container(cfg, resolve=True), "source": identity,
             "epoch": int(_plain(meta.get("epoch", -1))), "protocol": "paper",
@@ -120,11 +116,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="where to write our checkpoint")
     parser.add_argument("--source", help="the source's weight file to compare with and to record in the config "
                                          "(default: the preset's model.source.pretrained)")
+    parser.add_argument("--config", help="a config to store instead of the run's preset, e.g. a copy with one "
+                                         "deviation switched off (its model must take the released tensors)")
     parser.add_argument("--verbose", action="store_true", help="list every mapped and dropped key")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.pe_injection=once")
     args = parser.parse_args(argv)
-    return run_cli(lambda: convert(args.official, args.run, args.out, args.source, args.verbose) and None,
-                   debug=args.debug)
+    return run_cli(lambda: convert(args.official, args.run, args.out, args.source, args.verbose, args.config,
+                                   args.overrides) and None, debug=args.debug)
 
 
 if __name__ == "__main__":
