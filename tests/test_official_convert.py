@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import yaml
 from any2point import build_model, load_config
 from any2point.engine import checkpoint
 from any2point.errors import CheckpointError
+from main import main as main_entry
 from any2point.official import RUNS, compare_frozen, convert_state, model_keys, read_released, swap_halves
 from tools.convert_ckpt import RUN_NAMES
 from tools.convert_ckpt import main as convert_main
@@ -221,7 +221,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and err.startswith("error: released checkpoint not found")
 
 
-def test_convert_then_main_test_evaluates_the_released_model(tmp_path):
+def test_convert_then_main_test_evaluates_the_released_model(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = tiny_cfg("dinov2", "openpoints")
     original = randomized(build_model(cfg), seed=1).eval()
@@ -244,7 +244,20 @@ def test_convert_then_main_test_evaluates_the_released_model(tmp_path):
     points = torch.randn(2, 256, 3)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(points), original(points), atol=1e-6, rtol=0)
-    run = subprocess.run([sys.executable, "main.py", "--test", "--ckpt", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert re.search(r"test OA \d+\.\d+", run.stdout + run.stderr)
+    capsys.readouterr()
+    assert main_entry(["--test", "--ckpt", str(out)]) == 0
+    assert re.search(r"test OA \d+\.\d+", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_eval_scripts_convert_then_test(run, tmp_path):
+    script = ROOT / "scripts" / "official" / f"eval_{run}.sh"
+    done = subprocess.run(["bash", str(script), "released.pth", "data", "--dry-run"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    convert_line, test_line = done.stdout.strip().splitlines()
+    assert convert_line == (f"python tools/convert_ckpt.py --official {tmp_path}/released.pth --run {run} "
+                            f"--out experiments/official/{run}.pth dataset.root={tmp_path}/data")
+    assert test_line == f"python main.py --test --ckpt experiments/official/{run}.pth"
+    wrong = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: usage:")
