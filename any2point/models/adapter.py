@@ -14,7 +14,8 @@ tokens ``(B, 1 + G, C)``:
 
 The M local attentions and their LayerNorms are shared by all blocks (:class:`ViewLocalAttention`);
 each block has its own bottleneck, per-view BN and 3D BN (:class:`AdapterBlock`). Cells and voxels
-are pooled only where they hold tokens (empty ones take no part in the BN statistics); views,
+are pooled only where they hold tokens (empty ones take no part in the BN statistics, unless
+``dense_cell_norm`` asks for the released code's dense table); views,
 samples and cells are all batched, without Python loops.
 """
 from __future__ import annotations

@@ -256,7 +256,7 @@ def sample_table_1d_official(table: Tensor, positions: Tensor) -> Tensor:
 
 def official_plane_positions(xyz: Tensor, rotations: Tensor, trans: float, plane_size: Sequence[int]) -> Tensor:
     """The released code's pixels ``(B, M, G, 2)`` as ``(row, col)`` on a plane of ``(H, W)`` pixels
-    (deviation 2): ``p' = R p``, ``z = z' + |trans| + 1e-12``, ``u = x' / z``, ``v = y' / z * H / W``,
+    (deviation 12): ``p' = R p``, ``z = z' + |trans| + 1e-12``, ``u = x' / z``, ``v = y' / z * H / W``,
     ``col = ((u + 1) W / 2 - 0.5) mod W``, ``row = ((v + 1) H / 2 - 0.5) mod H``: not clamped, so a
     point outside the view wraps around to the other side."""
     height, width = plane_size
@@ -331,13 +331,13 @@ class VirtualProjection(nn.Module):
     each switch off by default:
 
         frame: ``unit_sphere`` (default) projects and voxelises the centres normalised per sample;
-            ``data`` uses them as the data gives them (deviation 2).
+            ``data`` uses them as the data gives them (deviation 11).
         line_index: ``paper`` (default) or ``official``: positions min-max scaled per sample and line
             and wrapped (:func:`official_line_positions`), the table read at positions rescaled by the
             whole batch's range, zero weight at integers (:func:`sample_table_1d_official`; deviation 4).
         plane_index: ``paper`` (default) or ``official``: perspective pixels without clamping, wrapped
             modulo the plane (:func:`official_plane_positions`), the table sampled with zero padding
-            outside it (deviation 2).
+            outside it (deviation 12).
         official_grid_view: lay the plane out transposed (camera x across ``H`` pixels, y across
             ``W``) and read the table's entries as a grid of the transposed shape
             (:func:`official_grid_view`): ImageBind's 12 x 19 grid read as 19 x 12; no effect on a
