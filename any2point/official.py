@@ -20,6 +20,7 @@ does not know, on a missing tensor and on a shape mismatch.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,9 @@ def read_released(path: str | Path, run: OfficialRun) -> tuple[dict[str, Tensor]
     except ImportError:  # NumPy < 2
         from numpy.core.multiarray import scalar
     allowed = [scalar, np.dtype, *(type(np.dtype(t)) for t in ("f8", "f4", "i8"))]
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        with torch.serialization.safe_globals(allowed):
+        with safe(allowed) if safe is not None else contextlib.nullcontext():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unreadable file is the user's to fix)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -227,7 +228,7 @@ def test_convert_then_main_test_evaluates_the_released_model(tmp_path, capsys):
     original = randomized(build_model(cfg), seed=1).eval()
     released = tmp_path / "scan_ckpt_best.pth"
     torch.save({"model": released_state(original, "openpoints", "dinov2"), "optimizer": {}, "scheduler": {},
-                "epoch": 212, "best_val": 87.7}, released)
+                "epoch": 212, "best_val": np.float64(87.7)}, released)  # training scripts store NumPy scalars
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "model": cfg, "train": {"test_batch_size": 8, "num_workers": 0, "amp": False, "device": "cpu"},
