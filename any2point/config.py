@@ -123,7 +123,10 @@ def origin_of(node: DictConfig, key: str) -> Optional[str]:
     while full:
         if full in provenance:
             return provenance[full]
-        full = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", full)  # "a.b[1].c" -> "a.b[1]" -> "a.b" -> "a"
+        parent = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", full)  # "a.b[1].c" -> "a.b[1]" -> "a.b" -> "a"
+        if parent == full:
+            return None
+        full = parent
     return None
 
 

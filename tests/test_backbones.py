@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from any2point.errors import CheckpointError
 from any2point.models import build_model
 from any2point.models.backbones.base import SourceTransformer
 from any2point.models.backbones.clip_text import CLIPTextSource
@@ -313,16 +314,16 @@ def test_missing_unexpected_and_misshaped_keys_are_errors_naming_them(name: str,
     path = tmp_path / "weights.pth"
 
     torch.save({k: v for k, v in state.items() if k != original_key}, path)
-    with pytest.raises(KeyError, match=rf"missing keys \(1\): {our_key}"):
+    with pytest.raises(CheckpointError, match=rf"missing keys \(1\): {our_key}"):
         source.load_pretrained(path)
 
     torch.save({**state, "decoder.fc.weight": torch.zeros(2)}, path)
-    with pytest.raises(KeyError, match=r"unexpected keys \(1\): decoder\.fc\.weight") as error:
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): decoder\.fc\.weight") as error:
         source.load_pretrained(path)
     assert str(path) in str(error.value)
 
     torch.save({**state, original_key: torch.zeros(3, 3)}, path)
-    with pytest.raises(ValueError, match=rf"{our_key}: checkpoint \(3, 3\)"):
+    with pytest.raises(CheckpointError, match=rf"{our_key}: checkpoint \(3, 3\)"):
         source.load_pretrained(path)
 
 

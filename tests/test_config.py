@@ -147,3 +147,12 @@ def test_registry_build_and_errors() -> None:
     with pytest.raises(KeyError, match="already registered"):
         reg.register(type("Other", (), {}), name="Thing")
     assert "PointNet" in MODELS
+
+
+def test_misspelt_mapping_key_names_key_and_file(tmp_path: Path) -> None:
+    """A misspelt key whose value is a mapping (only its leaves have a recorded origin) is reported,
+    with the file of its leaves' parent, instead of searching for an origin forever."""
+    write(tmp_path / "a.yaml", BASE)
+    leaf = write(tmp_path / "leaf.yaml", {"_base_": "a.yaml", "model": {"adaptr": {"type": "X", "width": 3}}})
+    with pytest.raises(ConfigError, match="adaptr"):
+        load_config(leaf)

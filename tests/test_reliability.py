@@ -227,7 +227,7 @@ def test_checkpoint_refuses_another_source_both_ways(tmp_path: Path, capsys: pyt
     model = {"type": "Any2Point", "num_classes": 4,
              "source": {"type": "CLIPTextSource", "width": 64, "depth": 2, "heads": 4, "pretrained": str(weights)},
              "tokenizer": {"type": "PointPNTokenizer", "k": 16},
-             "adapter": {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}}
+             "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}}
     cfg_path = tiny_config(tmp_path, "src", train={"epochs": 1}, dataset={"train_size": 32})
     data = yaml.safe_load(cfg_path.read_text())
     data["model"] = model

@@ -20,6 +20,7 @@ from transformers import (ASTConfig, ASTModel, BertConfig, BertForMaskedLM, CLIP
                           RobertaConfig, RobertaForMaskedLM)
 
 import main as entry
+from any2point.errors import CheckpointError
 from any2point.models.backbones.ast_audio import ASTSource
 from any2point.models.backbones.hf_encoder import HFEncoderSource, SourceUnavailableError
 from any2point.models.backbones.timm_vit import TimmViTSource
@@ -157,7 +158,7 @@ def test_hf_weights_missing_from_the_checkpoint_are_an_error_naming_them(tmp_pat
     HFEncoderSource(pretrained=str(tmp_path))
     key = next(k for k in state if k.endswith("layer.1.output.dense.weight"))
     save_file({k: v for k, v in state.items() if k != key}, str(weights), metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"missing keys \(1\): encoder\.layer\.1\.output\.dense\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): encoder\.layer\.1\.output\.dense\.weight"):
         HFEncoderSource(pretrained=str(tmp_path))
 
 
@@ -219,13 +220,13 @@ def test_timm_loading_is_strict_except_for_the_image_parts(tmp_path: Path) -> No
     assert torch.equal(source.blocks[1].mlp.fc2.bias, state["blocks.1.mlp.fc2.bias"])
     assert torch.equal(source.pos_embed_2d[1, 2], state["pos_embed"][0, 1 + 1 * 3 + 2])  # row-major (y, x)
     torch.save({k: v for k, v in state.items() if k != "blocks.1.mlp.fc2.bias"}, path)
-    with pytest.raises(KeyError, match=r"missing keys \(1\): blocks\.1\.mlp\.fc2\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): blocks\.1\.mlp\.fc2\.bias"):
         source.load_pretrained(path)
     torch.save({**state, "blocks.9.extra": torch.zeros(2)}, path)
-    with pytest.raises(KeyError, match=r"unexpected keys \(1\): blocks\.9\.extra"):
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): blocks\.9\.extra"):
         source.load_pretrained(path)
     torch.save({**state, "norm.weight": torch.zeros(3)}, path)
-    with pytest.raises(ValueError, match=r"norm\.weight: checkpoint \(3,\)"):
+    with pytest.raises(CheckpointError, match=r"norm\.weight: checkpoint \(3,\)"):
         source.load_pretrained(path)
 
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import main as entry
 from any2point import build_model, load_config
+from any2point.errors import CheckpointError
 from any2point.engine.checkpoint import load_trainable_state_dict, save_atomic, trainable_state_dict
 from any2point.models.backbones.base import AttentionWeight
 from any2point.models.peft.base import Tuner
@@ -155,7 +156,7 @@ def test_main_test_loads_any_tuners_checkpoint_strictly(tuner: str, tmp_path: Pa
     assert entry.main(["--test", "--ckpt", str(tmp_path / "good.pth")]) == 0
     dropped = sorted(ckpt["model"])[-1]
     del ckpt["model"][dropped]
-    with pytest.raises(KeyError, match=rf"missing keys: .*{dropped}"):
+    with pytest.raises(CheckpointError, match=rf"missing keys: .*{dropped}"):
         load_trainable_state_dict(build_model(cfg.model), ckpt["model"], "dropped key")
 
 

@@ -27,6 +27,7 @@ modules run in.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from typing import Callable, Mapping, Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from any2point.errors import CheckpointError
 
 ResidualHook = Callable[[Tensor, Tensor], Tensor]
 """``hook(x, f) -> x_new``: ``x`` is the residual stream entering a residual add (B, T, C), ``f`` the
@@ -93,7 +96,7 @@ def missing_weights_error(path: str | Path, what: str, where: str) -> FileNotFou
 def check_state_dict_keys(expected: set[str], got: set[str], what: str,
                           allowed_missing: frozenset[str] = frozenset(),
                           allowed_unexpected: frozenset[str] = frozenset()) -> None:
-    """Raise a ``KeyError`` naming every missing and unexpected key (strict loading)."""
+    """Raise a :class:`CheckpointError` naming every missing and unexpected key (strict loading)."""
     missing = sorted(expected - got - allowed_missing)
     unexpected = sorted(got - expected - allowed_unexpected)
     if missing or unexpected:
@@ -104,15 +107,15 @@ def check_state_dict_keys(expected: set[str], got: set[str], what: str,
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
                          + (" ..." if len(unexpected) > 20 else ""))
-        raise KeyError(f"{what}: checkpoint does not match the model; " + "; ".join(parts))
+        raise CheckpointError(f"{what}: checkpoint does not match the model; " + "; ".join(parts))
 
 
 def check_state_dict_shapes(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], what: str) -> None:
-    """Raise a ``ValueError`` naming every key whose tensor shape differs from the model's."""
+    """Raise a :class:`CheckpointError` naming every key whose tensor shape differs from the model's."""
     wrong = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in got and got[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{what}: checkpoint shapes do not match the model: " + "; ".join(wrong))
+        raise CheckpointError(f"{what}: checkpoint shapes do not match the model: " + "; ".join(wrong))
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
@@ -123,11 +126,15 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     Lightning) is unwrapped; anything that is not a mapping of names to tensors is an error naming
     the file.
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{what}: cannot read the weight file '{path}' (corrupt, truncated, or not a "
+                              f"weights-only torch file): {str(exc).splitlines()[0]}") from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{what}: '{path}' is not a state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{what}: '{path}' is not a state dict (a mapping of names to tensors)")
     return dict(obj)
 
 

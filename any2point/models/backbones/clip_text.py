@@ -23,7 +23,7 @@ from torch import Tensor
 
 from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              read_state_dict, residual, single)
-from any2point.registry import MODELS
+from any2point.registry import MODELS, ConfigError
 
 WEIGHTS_SOURCE = ("OpenAI (https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84"
                   "cd88be6f7c2e0eca1737a03836/ViT-L-14.pt) or an open_clip checkpoint of the same model")
@@ -110,13 +110,13 @@ class CLIPTextSource(SourceTransformer):
         super().__init__()
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
-            raise ValueError(f"unknown open_clip model '{model_name}' (see open_clip.list_models())")
+            raise ConfigError(f"unknown open_clip model '{model_name}' (see open_clip.list_models())")
         text_cfg = CLIPTextCfg(**model_cfg["text_cfg"])
         custom_block = text_cfg.block_type not in (None, "default") or any((
             text_cfg.qk_norm, text_cfg.scaled_cosine_attn, text_cfg.scale_heads, text_cfg.scale_attn_inner,
             text_cfg.scale_attn, text_cfg.scale_fc))
         if text_cfg.hf_model_name or text_cfg.embed_cls or custom_block:
-            raise ValueError(f"open_clip model '{model_name}' has no plain CLIP text transformer (one of "
+            raise ConfigError(f"open_clip model '{model_name}' has no plain CLIP text transformer (one of "
                              f"open_clip's ResidualAttentionBlock, which forward_block runs): "
                              f"text_cfg {model_cfg['text_cfg']}")
         act_layer = QuickGELU if model_cfg.get("quick_gelu", False) else nn.GELU

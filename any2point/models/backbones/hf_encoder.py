@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from any2point.errors import CheckpointError
 from any2point.models.backbones.base import AttentionWeight, ResidualHook, SourceTransformer, residual, single
 from any2point.registry import MODELS, ConfigError
 
@@ -204,7 +205,7 @@ def load_hf_model(folder: Path, used: Callable[[PreTrainedModel], list[nn.Module
     mismatched = sorted(str(k) for k in info["mismatched_keys"]
                         if (k[0] if isinstance(k, tuple) else k) in kept_names)
     if missing or mismatched:
-        raise KeyError(f"{what}: the checkpoint in '{folder}' does not match the model: "
+        raise CheckpointError(f"{what}: the checkpoint in '{folder}' does not match the model: "
                        f"missing keys ({len(missing)}): {', '.join(missing[:20])}; "
                        f"misshaped keys ({len(mismatched)}): {', '.join(mismatched[:20])}")
     if info["unexpected_keys"]:
@@ -222,7 +223,7 @@ def find_layers(root: nn.Module, what: str) -> nn.ModuleList:
             continue
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise ValueError(f"{what}: {type(root).__name__} has no encoder layer list "
+    raise ConfigError(f"{what}: {type(root).__name__} has no encoder layer list "
                      f"(looked for encoder.layer, encoder.layers, layers)")
 
 
@@ -274,18 +275,18 @@ def layer_runner(layers: nn.ModuleList, what: str) -> LayerRunner:
     """The function that runs these transformers layers with an FFN hook, chosen by their children."""
     kinds = {type(layer) for layer in layers}
     if len(kinds) != 1:
-        raise ValueError(f"{what}: the encoder mixes layer types {sorted(k.__name__ for k in kinds)}")
+        raise ConfigError(f"{what}: the encoder mixes layer types {sorted(k.__name__ for k in kinds)}")
     layer = layers[0]
     if _has(layer, "attention.self", "attention.output.dense", "attention.output.LayerNorm", "intermediate",
             "output.dense", "output.LayerNorm", "output.dropout"):
         if hasattr(layer, "crossattention"):
-            raise ValueError(f"{what}: {type(layer).__name__} is a decoder layer with cross-attention")
+            raise ConfigError(f"{what}: {type(layer).__name__} is a decoder layer with cross-attention")
         return _run_post_ln
     if _has(layer, "layer_norm1", "self_attn", "layer_norm2", "mlp"):
         return _run_pre_ln_clip
     if _has(layer, "layernorm_before", "attention", "layernorm_after", "mlp", "dropout"):
         return _run_pre_ln_vit
-    raise ValueError(
+    raise ConfigError(
         f"{what}: transformers layer {type(layer).__name__} has none of the layouts this source runs: "
         f"post-LN (attention, intermediate, output.dense, output.LayerNorm: BERT, RoBERTa, MiniLM, ...), "
         f"pre-LN (layer_norm1, self_attn, layer_norm2, mlp: CLIP, SigLIP text) or pre-LN (layernorm_before, "
@@ -307,7 +308,7 @@ def _position_table(embeddings: nn.Module, what: str) -> tuple[nn.Embedding, int
         if isinstance(table, nn.Embedding):
             offset = 0 if table.padding_idx is None else table.padding_idx + 1
             return table, offset
-    raise ValueError(f"{what}: {type(embeddings).__name__} has no absolute position-embedding table "
+    raise ConfigError(f"{what}: {type(embeddings).__name__} has no absolute position-embedding table "
                      f"(position_embeddings / position_embedding): models with relative or rotary positions "
                      f"have no table to project onto")
 
@@ -339,7 +340,7 @@ class HFEncoderSource(SourceTransformer):
         root = getattr(model, "text_model", model)  # the text tower of a dual encoder (CLIP, SigLIP)
         text_config = getattr(config, "text_config", None) or config
         if getattr(text_config, "is_decoder", False):
-            raise ValueError(f"{what}: the config is a decoder (is_decoder: true); an encoder is needed")
+            raise ConfigError(f"{what}: the config is a decoder (is_decoder: true); an encoder is needed")
         self.name = f"HFEncoderSource:{pretrained or text_config.model_type + ' (random init)'}"
         self.dim = text_config.hidden_size
         self.blocks = find_layers(root, what)
@@ -351,7 +352,7 @@ class HFEncoderSource(SourceTransformer):
             with torch.no_grad():
                 self._run_layer(self.blocks[0].eval(), torch.zeros(1, 2, self.dim), None, None)
         except (TypeError, ValueError, AttributeError) as error:
-            raise ValueError(f"{what}: its {type(self.blocks[0]).__name__} layers need more inputs than the hidden "
+            raise ConfigError(f"{what}: its {type(self.blocks[0]).__name__} layers need more inputs than the hidden "
                              f"states (e.g. relative positions), which 3D tokens do not have: {error}") from error
         post_ln = self._run_layer is _run_post_ln
         # Post-LN encoders normalise their embeddings (BERT's embeddings.LayerNorm) and end with the

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              read_state_dict, residual, single)
-from any2point.registry import MODELS
+from any2point.registry import MODELS, ConfigError
 
 WEIGHTS_SOURCE = "Meta (https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth)"
 
@@ -62,7 +62,7 @@ def convert_imagebind_audio_state_dict(state: dict[str, Tensor], grid_size: tupl
         if key == "pos_embed":
             height, width = grid_size
             if value.ndim != 3 or value.shape[:2] != (1, 1 + height * width):
-                raise ValueError(f"ImageBind audio 'pos_embed' of shape {tuple(value.shape)} does not hold a "
+                raise ConfigError(f"ImageBind audio 'pos_embed' of shape {tuple(value.shape)} does not hold a "
                                  f"class position and a {height} x {width} grid "
                                  f"(expected (1, {1 + height * width}, C))")
             out["cls_pos_embed"] = value[:, :1]
@@ -81,7 +81,7 @@ class BiasKVAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+            raise ConfigError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
@@ -148,7 +148,7 @@ class ImageBindAudioSource(SourceTransformer):
         height = (num_mel_bins - kernel_size) // stride + 1
         width = (target_len - kernel_size) // stride + 1
         if height < 1 or width < 1:
-            raise ValueError(f"a {num_mel_bins} x {target_len} spectrogram is smaller than the "
+            raise ConfigError(f"a {num_mel_bins} x {target_len} spectrogram is smaller than the "
                              f"{kernel_size} px patch")
         self.name = "ImageBindAudioSource"
         self.dim = embed_dim

@@ -37,7 +37,8 @@ from any2point.models.backbones.base import (AttentionWeight, ResidualHook, Sour
                                              check_state_dict_keys, check_state_dict_shapes, fused_qkv,
                                              residual, single)
 from any2point.models.backbones.hf_encoder import hf_download_hint, resolve_pretrained
-from any2point.registry import MODELS
+from any2point.errors import CheckpointError
+from any2point.registry import MODELS, ConfigError
 
 BlockRunner = Callable[[nn.Module, Tensor, Optional[ResidualHook], Optional[ResidualHook]], Tensor]
 # Checkpoint keys of a timm ViT that do not apply to 3D tokens.
@@ -104,7 +105,7 @@ def read_timm_checkpoint(path: Path) -> dict[str, Tensor]:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise ValueError(f"timm weights: '{path}' is not a state dict (a mapping of names to tensors)")
+            raise CheckpointError(f"timm weights: '{path}' is not a state dict (a mapping of names to tensors)")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -138,24 +139,24 @@ class TimmViTSource(SourceTransformer):
         vit = self._create()
         what = f"timm model '{model_name}'"
         if not isinstance(vit, (VisionTransformer, Eva)):
-            raise ValueError(f"{what} is a {type(vit).__name__}, not a timm VisionTransformer or Eva")
+            raise ConfigError(f"{what} is a {type(vit).__name__}, not a timm VisionTransformer or Eva")
         kinds = {type(block) for block in vit.blocks}
         runners = block_runners()
         if len(kinds) != 1 or next(iter(kinds)) not in runners:
-            raise ValueError(f"{what} has blocks {sorted(k.__name__ for k in kinds)}; this source runs "
+            raise ConfigError(f"{what} has blocks {sorted(k.__name__ for k in kinds)}; this source runs "
                              f"{', '.join(k.__name__ for k in runners)}")
         has_cls = vit.cls_token is not None
         if vit.num_prefix_tokens != int(has_cls):
-            raise ValueError(f"{what} has {vit.num_prefix_tokens} prefix tokens (register or distillation "
+            raise ConfigError(f"{what} has {vit.num_prefix_tokens} prefix tokens (register or distillation "
                              f"tokens); the method has a slot for one class token only")
         if vit.pos_embed is None:
-            raise ValueError(f"{what} has no absolute positional table to project onto")
+            raise ConfigError(f"{what} has no absolute positional table to project onto")
         if getattr(vit, "rope", None) is not None:
-            raise ValueError(f"{what} uses rotary position embeddings tied to the image grid, which 3D "
+            raise ConfigError(f"{what} uses rotary position embeddings tied to the image grid, which 3D "
                              f"tokens do not have")
         patch = vit.patch_embed.patch_size
         if patch[0] != patch[1]:
-            raise ValueError(f"{what} has non-square patches {tuple(patch)}")
+            raise ConfigError(f"{what} has non-square patches {tuple(patch)}")
         height, width = vit.patch_embed.grid_size
         self.name = f"TimmViTSource:{model_name}"
         self.dim = vit.embed_dim
