@@ -82,6 +82,7 @@ class TrainConfig:
     eval_every: int = 1
     label_smoothing: float = 0.0
     device: str = "auto"
+    compile: bool = False  # torch.compile the model (opt-in; first steps pay the compilation)
 
     def __post_init__(self) -> None:
         if self.protocol not in ("honest", "paper"):

@@ -2,10 +2,12 @@
 layout, neighbour normalisation by hand, and one stage against a per-group brute-force reference."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from any2point.extensions import furthest_point_sample
+from any2point.extensions import furthest_point_sample, gather, group, knn
 from any2point.models.tokenizer import PointPNStage, PointPNTokenizer, sincos_embedding
 from any2point.registry import ConfigError
 
@@ -16,6 +18,9 @@ def test_paper_configuration_has_276672_parameters():
     assert [s.width for s in tokenizer.stages] == [192, 384, 768]
     assert [len(s.blocks) for s in tokenizer.stages] == [2, 1, 1]
     assert [s.blocks[0].net1[0].out_channels for s in tokenizer.stages] == [96, 192, 32]
+    plain = PointPNTokenizer(dim=768, k=81, recompute=False)
+    assert sum(p.numel() for p in plain.parameters()) == 276_672
+    assert [s.recompute for s in plain.stages] == [False] * 3 and all(s.recompute for s in tokenizer.stages)
 
 
 def test_output_shapes_and_centres_are_input_points():
@@ -96,3 +101,77 @@ def test_bad_settings_and_inputs_raise():
         tokenizer(torch.randn(1, 40, 3))
     with pytest.raises(ValueError, match=r"\(B, N, 3\)"):
         tokenizer(torch.randn(64, 3))
+
+
+def reference_stage(stage: PointPNStage, xyz: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """The straightforward stage: grouped features as (B, C, G, k) through the Conv2d blocks."""
+    centre_idx = furthest_point_sample(xyz, xyz.shape[1] // 2)
+    centres = gather(xyz, centre_idx)
+    _, nbr_idx = knn(centres, xyz, stage.k)
+    offsets = stage._normalize(group(xyz, nbr_idx, centres))
+    nbr_feats = group(feats, nbr_idx)
+    x = torch.cat([nbr_feats, gather(feats, centre_idx).unsqueeze(2).expand_as(nbr_feats)], dim=-1)
+    x = x + sincos_embedding(offsets, stage.width, stage.alpha, stage.beta)
+    return stage.blocks(x.permute(0, 3, 1, 2)).amax(dim=-1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_stage_equals_the_straightforward_path(recompute, training, momentum):
+    """Outputs, gradients (features and every parameter) and BatchNorm running statistics over
+    three steps equal those of the plain Conv2d path. (The gradients of the biases before a
+    training-mode BatchNorm are zero up to rounding, hence the absolute tolerance.)"""
+    torch.manual_seed(2)
+    fast = PointPNStage(width=16, mid=8, num_blocks=2, k=5, norm="scan", alpha=1000.0, beta=100.0,
+                        recompute=recompute)
+    for module in fast.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = momentum
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.5, 0.5)
+    fast.train(training)
+    ref = copy.deepcopy(fast)
+    for step in range(3):
+        xyz = torch.randn(3, 24, 3)
+        feats = torch.randn(3, 24, 8, requires_grad=True)
+        feats_ref = feats.detach().clone().requires_grad_()
+        out = fast(xyz, feats)[1]
+        out_ref = reference_stage(ref, xyz, feats_ref)
+        torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+        weight = torch.randn_like(out)
+        (out * weight).sum().backward()
+        (out_ref * weight).sum().backward()
+        torch.testing.assert_close(feats.grad, feats_ref.grad, atol=1e-5, rtol=1e-5)
+        for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        for (name, b), b_ref in zip(fast.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_state_dict_keys_are_those_of_the_conv_modules():
+    """Checkpoints and converters rely on the Conv2d / BatchNorm2d layout of the blocks."""
+    state = PointPNTokenizer(dim=768, k=81).state_dict()
+    assert len(state) == 62
+    block = {k.split("blocks.0.")[1]: tuple(v.shape) for k, v in state.items() if k.startswith("stages.1.blocks.0.")}
+    assert block == {"net1.0.weight": (192, 384, 1, 1), "net1.0.bias": (192,), "net1.1.weight": (192,),
+                     "net1.1.bias": (192,), "net1.1.running_mean": (192,), "net1.1.running_var": (192,),
+                     "net1.1.num_batches_tracked": (), "net2.0.weight": (384, 192, 1, 1), "net2.0.bias": (384,),
+                     "net2.1.weight": (384,), "net2.1.bias": (384,), "net2.1.running_mean": (384,),
+                     "net2.1.running_var": (384,), "net2.1.num_batches_tracked": ()}
+
+
+def test_fused_training_path_runs_in_fp32_under_autocast():
+    """Mixed precision leaves the fused stage in fp32: the same output and gradients as without."""
+    torch.manual_seed(3)
+    stage = PointPNStage(width=16, mid=8, num_blocks=1, k=5, norm="scan", alpha=1000.0, beta=100.0)
+    twin = copy.deepcopy(stage)
+    xyz, feats = torch.randn(2, 20, 3), torch.randn(2, 20, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stage(xyz, feats)[1]
+    out_fp32 = twin(xyz, feats)[1]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, out_fp32)
+    (grad,) = torch.autograd.grad(out.sum(), feats)
+    (grad_fp32,) = torch.autograd.grad(out_fp32.sum(), feats)
+    torch.testing.assert_close(grad, grad_fp32)

@@ -33,6 +33,7 @@ from any2point.engine.optim import build_optimizer, build_scheduler, load_schedu
 from any2point.errors import CheckpointError, ExperimentError
 from any2point.models import build_model
 from any2point.registry import ConfigError
+from any2point.utils.cpu_memory import keep_freed_memory
 
 logger = logging.getLogger("any2point")
 
@@ -153,6 +154,8 @@ class Trainer:
         self.ignore_source_mismatch = ignore_source_mismatch
         self.device = pick_device(t.device)
         distributed.init(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.exp_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
         if resume and resume_from is None and not (self.exp_dir / LAST).is_file():
             raise ExperimentError(f"--resume: no checkpoint to resume from at {self.exp_dir / LAST}")
@@ -198,6 +201,8 @@ class Trainer:
         self.net: nn.Module = self.model
         if world > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.net = torch.compile(self.net)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, t.epochs, len(self.train_loader))
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,379 @@
+"""Benchmark full training steps of a config: time, FLOPs, model FLOP utilisation, memory, stages.
+
+A step is what the trainer does per batch: forward, cross-entropy, backward, gradient clipping and
+the optimizer step, on random clouds of ``--points`` points. The script prints one JSON line:
+
+- ``step_s_median`` / ``step_s_min`` over ``--repeats`` timed steps after two warm-up steps,
+  ``samples_per_s`` from the median, and ``step_thread_cpu_s_min``, the least CPU time of the
+  calling thread over those steps (with ``--threads 1`` a figure a busy shared machine disturbs
+  far less than wall time);
+- ``flops_per_step``: counted by ``torch.utils.flop_counter`` over one step (matmuls,
+  convolutions and attention; element-wise work is not counted, as usual for MFU);
+- ``matmul_flops_per_s``: the best of several dense square matmuls (fp32, or bf16 with ``--amp``)
+  timed in the same run, before and after the steps; ``mfu`` = FLOPs per step / median step time /
+  that figure, and ``mfu_thread_cpu`` the same from thread CPU times (step and matmul);
+- ``peak_memory_bytes``: CUDA ``max_memory_allocated`` over a step; on the CPU the peak resident
+  memory of a fresh process that builds the model and runs two steps (``memory_process``), and its
+  resident memory before the first step (``rss_before_step_bytes``);
+- ``stages``: per stage of the model (tokenizer, projection, blocks, adapters, head, other) the time
+  of its operators, forward and backward, its counted FLOPs and FLOP/s, and the optimizer's time
+  (clipping and the update). An operator belongs to the stage of the innermost frame of the model's
+  source files that called it (``models/tokenizer.py`` -> tokenizer, ``models/backbones/`` ->
+  blocks, ...); in the backward pass, outside such frames (custom autograd functions run their
+  own), an operator belongs to the stage whose forward operator created the autograd node being
+  run. The FLOPs are those of the registry of ``torch.utils.flop_counter``, which does not count
+  in-place ``addmm_``. The attribution therefore follows the files, not module
+  names, and survives refactors of the model classes. Timing every operator adds overhead, so these
+  figures come from one extra step and are reported as times and shares of their own sum.
+
+    python scripts/bench_train.py --config cfgs/scanobjectnn/any2point_clip_text.yaml \\
+        [--batch-size 8] [--points 1024] [--threads 1] [--device cpu|cuda] [--amp] [--compile] \\
+        [--repeats 3] [key=value ...]
+
+Config overrides (``key=value``) follow the options; ``model.source.pretrained=null`` is applied
+by default so no weight file is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without pip install
+
+from any2point import build_model, load_config  # noqa: E402
+from any2point.engine.optim import build_optimizer  # noqa: E402
+from any2point.engine.trainer import autocast  # noqa: E402
+from any2point.utils.cpu_memory import keep_freed_memory  # noqa: E402
+
+STAGES = ("tokenizer", "projection", "blocks", "adapters", "head", "other")
+# Source files of the model -> stage; the innermost matching frame of a call decides.
+MODEL_DIR = ROOT / "any2point" / "models"
+FILE_STAGES = (
+    (MODEL_DIR / "tokenizer.py", "tokenizer"),
+    (MODEL_DIR / "pointnet.py", "tokenizer"),
+    (MODEL_DIR / "projection.py", "projection"),
+    (MODEL_DIR / "adapter.py", "adapters"),
+    (MODEL_DIR / "peft", "adapters"),
+    (MODEL_DIR / "backbones", "blocks"),
+)
+# Top-level children of the classifier whose work in its own file is the head's.
+HEAD_CHILDREN = ("head", "norm")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--points", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in training)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (the trainer keeps freed memory for reuse)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-stage step")
+    parser.add_argument("--no-memory-process", action="store_true",
+                        help="CPU: skip the fresh process that measures peak resident memory")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return parser.parse_args(argv)
+
+
+class Step:
+    """One training step of the config's model on fixed random clouds, as the trainer runs it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        overrides = ["model.source.pretrained=null", *args.overrides]
+        self.cfg = load_config(args.config, overrides=overrides)
+        self.device = torch.device(args.device)
+        self.amp = args.amp
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg.model).to(self.device).train()
+        self.net = torch.compile(self.model) if args.compile else self.model
+        self.optimizer = build_optimizer(self.cfg.optimizer, self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad_clip = self.cfg.train.get("grad_clip")
+        num_classes = self.cfg.model.num_classes
+        points = torch.randn(args.batch_size, args.points, 3)
+        self.points = (points / points.norm(dim=-1, keepdim=True) * torch.rand(args.batch_size, args.points, 1) ** (1 / 3))
+        self.points = self.points.to(self.device)
+        self.labels = torch.randint(num_classes, (args.batch_size,), device=self.device)
+
+    def forward(self) -> torch.Tensor:
+        with autocast(self.device, self.amp):
+            logits = self.net(self.points)
+        return F.cross_entropy(logits.float(), self.labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def update(self) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+
+    def __call__(self) -> None:
+        self.backward(self.forward())
+        self.update()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def timed_with_cpu(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, float]:
+    """Wall time and this thread's CPU time of ``fn`` (the latter is robust to a busy machine)."""
+    start = time.thread_time()
+    wall = timed(fn, sync)
+    return wall, time.thread_time() - start
+
+
+def matmul_flops_per_s(device: torch.device, amp: bool, size: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """The best rate of a dense ``size^3`` matmul (bf16 under ``amp`` on CUDA, else fp32), by wall
+    time and by this thread's CPU time."""
+    dtype = torch.bfloat16 if amp and device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b)
+    wall, cpu = zip(*[timed_with_cpu(lambda: torch.mm(a, b), sync) for _ in range(repeats)])
+    return 2 * size**3 / min(wall), 2 * size**3 / min(cpu)
+
+
+def count_flops(step: Step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+class StageTimer:
+    """Times every operator of a step and adds its time and FLOPs to the stage that ran it.
+
+    Forward operators are charged by the call stack (innermost frame in the model's files); each
+    autograd node made in the forward pass is tagged with that stage, and a pre-hook on the node
+    makes the backward operators it runs count for the same stage.
+    """
+
+    def __init__(self, model: torch.nn.Module, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.flops: dict[str, int] = defaultdict(int)
+        self.backward_stage: Optional[str] = None
+        self.in_backward = False
+        self.tagged: set[int] = set()
+        self.files = [(str(path), stage) for path, stage in FILE_STAGES]
+        self.classifier_file = str(MODEL_DIR / "classifier.py")
+        self.child_of = {id(module): name for name, child in model.named_children() for module in child.modules()}
+        self.active: list[str] = []
+
+    def frame_stage(self) -> Optional[str]:
+        """The stage of the innermost frame in the model's files, if any (also in the backward of
+        custom autograd functions, which runs their Python code)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            for prefix, stage in self.files:
+                if filename.startswith(prefix):
+                    return stage
+            if filename == self.classifier_file:
+                owners = [name for name in self.active if name]
+                return "head" if owners and owners[-1] in HEAD_CHILDREN else "other"
+            frame = frame.f_back
+        return None
+
+    def tag(self, node: Any, stage: str) -> None:
+        """Charge the backward of ``node`` (and of untagged nodes feeding it, e.g. custom
+        autograd functions, which no operator hook sees) to ``stage``."""
+        if node is None or id(node) in self.tagged:
+            return
+        self.tagged.add(id(node))
+
+        def prehook(*_: Any) -> None:
+            self.backward_stage = stage
+
+        node.register_prehook(prehook)
+        for parent, _ in node.next_functions:
+            if parent is not None and id(parent) not in self.tagged and type(parent).__name__ != "AccumulateGrad":
+                self.tag(parent, stage)
+
+    def record(self, stage: str, seconds: float, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        self.seconds[stage] += seconds
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.flops[stage] += flop_registry[packet](*args, **kwargs, out_val=out)
+
+
+class _TimeOps(TorchDispatchMode):
+    def __init__(self, timer: StageTimer) -> None:
+        super().__init__()
+        self.timer = timer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        timer = self.timer
+        stage = timer.frame_stage() or (timer.backward_stage if timer.in_backward else None) or "other"
+        timer.sync()
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        timer.sync()
+        timer.record(stage, time.perf_counter() - start, func, args, kwargs, out)
+        return out
+
+
+class _TagNodes(TorchFunctionMode):
+    def __init__(self, timer: StageTimer) -> None:
+        super().__init__()
+        self.timer = timer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled() and not self.timer.in_backward:
+            stage = self.timer.frame_stage() or "other"
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    self.timer.tag(tensor.grad_fn, stage)
+        return out
+
+
+def stage_breakdown(step: Step) -> dict[str, dict[str, Any]]:
+    """Per-stage operator time and FLOPs of one step (see the module docstring)."""
+    timer = StageTimer(step.model, step.sync)
+
+    def enter(module: torch.nn.Module, _: Any) -> None:
+        timer.active.append(timer.child_of.get(id(module), ""))
+
+    def leave(*_: Any) -> None:
+        timer.active.pop()
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        with _TimeOps(timer), _TagNodes(timer):
+            loss = step.forward()
+            timer.in_backward = True
+            step.backward(loss)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    optimizer_s = timed(step.update, step.sync)
+    total = sum(timer.seconds.values()) + optimizer_s
+    out: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        seconds, flops = timer.seconds.get(stage, 0.0), timer.flops.get(stage, 0)
+        if seconds or flops:
+            out[stage] = {"s": round(seconds, 4), "share": round(seconds / total, 4), "flops": flops,
+                          "gflop_per_s": round(flops / 1e9 / seconds, 2) if seconds else None}
+    out["optimizer"] = {"s": round(optimizer_s, 4), "share": round(optimizer_s / total, 4)}
+    return out
+
+
+def machine_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_in_fresh_process(argv: list[str]) -> dict[str, int]:
+    """Run this script with ``--memory-only`` in a new process and return what it measured."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-only"]
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.system_malloc:
+        keep_freed_memory()
+    step = Step(args)
+    if args.memory_only:
+        before = current_rss_bytes()
+        step()
+        step()
+        report = {"peak_rss_bytes": peak_rss_bytes(), "rss_before_step_bytes": before}
+        print(json.dumps(report))
+        return report
+
+    rates = [matmul_flops_per_s(step.device, args.amp)]
+    for _ in range(2):
+        step()
+    if step.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(step.device)
+    times, cpu_times = zip(*[timed_with_cpu(step, step.sync) for _ in range(args.repeats)])
+    rates.append(matmul_flops_per_s(step.device, args.amp))
+    peak_rate, peak_cpu_rate = max(r[0] for r in rates), max(r[1] for r in rates)
+    flops = count_flops(step)
+    median = statistics.median(times)
+    report: dict[str, Any] = {
+        "config": args.config, "device": args.device, "machine": machine_name(),
+        "threads": args.threads, "batch_size": args.batch_size, "points": args.points, "amp": args.amp,
+        "compile": args.compile, "repeats": args.repeats, "system_malloc": args.system_malloc,
+        "step_s_median": round(median, 4), "step_s_min": round(min(times), 4),
+        "samples_per_s": round(args.batch_size / median, 2),
+        "step_thread_cpu_s_min": round(min(cpu_times), 4),
+        "flops_per_step": flops, "matmul_flops_per_s": round(peak_rate),
+        "matmul_flops_per_thread_cpu_s": round(peak_cpu_rate),
+        "mfu": round(flops / median / peak_rate, 4),
+        "mfu_thread_cpu": round(flops / min(cpu_times) / peak_cpu_rate, 4),
+    }
+    if step.device.type == "cuda":  # the host thread's CPU time says nothing about the GPU
+        for key in ("step_thread_cpu_s_min", "matmul_flops_per_thread_cpu_s", "mfu_thread_cpu"):
+            del report[key]
+        report["device_name"] = torch.cuda.get_device_name(step.device)
+        report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(step.device)
+    elif not args.no_memory_process:
+        fresh = memory_in_fresh_process(argv)
+        report["peak_memory_bytes"] = fresh["peak_rss_bytes"]
+        report["rss_before_step_bytes"] = fresh["rss_before_step_bytes"]
+        report["memory_process"] = "fresh"
+    if not args.no_breakdown and not args.compile:
+        report["stages"] = stage_breakdown(step)
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""scripts/bench_train.py on a tiny Any2Point: one JSON line whose per-stage FLOPs add up to the
+step's FLOPs counted by torch.utils.flop_counter, with every stage of the model present."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts.bench_train import main
+
+TINY = {
+    "model": {"type": "Any2Point", "num_classes": 4,
+              "source": {"type": "CLIPTextSource", "width": 32, "depth": 2, "heads": 2, "pretrained": None},
+              "tokenizer": {"type": "PointPNTokenizer", "k": 8},
+              "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}},
+    "dataset": {"type": "SyntheticShapes", "num_points": 128, "train_size": 8, "val_size": 4, "test_size": 4},
+}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_json_line_with_stages_adding_up(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    main(["--config", str(cfg), "--batch-size", "2", "--points", "128", "--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert report["step_s_min"] <= report["step_s_median"] and 0 < report["mfu"] < 1
+    assert report["peak_memory_bytes"] > report["rss_before_step_bytes"] > 0
+    stages = report["stages"]
+    assert {"tokenizer", "projection", "blocks", "adapters", "head", "optimizer"} <= set(stages)
+    assert stages["tokenizer"]["flops"] > 0 and stages["blocks"]["flops"] > 0 and stages["adapters"]["flops"] > 0
+    assert sum(stage.get("flops", 0) for stage in stages.values()) == report["flops_per_step"]
+    assert sum(stage["share"] for stage in stages.values()) == pytest.approx(1.0, abs=1e-3)
