@@ -164,7 +164,7 @@ def test_virtual_pe_is_the_mean_of_the_sampled_rows(clip_tiny):
     expected = torch.stack([sample_table_1d(clip_tiny.pos_embed_1d, rows[:, j]) for j in range(6)]).mean(0)
     torch.testing.assert_close(out.pe, expected)
     torch.testing.assert_close(out.positions, rows)
-    assert out.unit.norm(dim=-1).amax(dim=1).tolist() == pytest.approx([1.0, 1.0])
+    assert out.xyz.norm(dim=-1).amax(dim=1).tolist() == pytest.approx([1.0, 1.0])
 
 
 def test_virtual_pe_2d_is_the_mean_over_the_six_views(dinov2_tiny):
@@ -199,7 +199,7 @@ def test_pointclip_v2_views_follow_pointclip_v2(dinov2_tiny):
     out = proj(centres, dinov2_tiny.pos_embed_2d)
     assert out.positions.shape == (2, 8, 10, 2) and proj.rotations.shape == (8, 3, 3)
     for b, view, g in [(0, 0, 0), (1, 3, 7), (0, 5, 2), (1, 7, 9)]:
-        expected = _pointclip_v2_pixel(out.unit[b, g], view, dinov2_tiny.plane_size)
+        expected = _pointclip_v2_pixel(out.xyz[b, g], view, dinov2_tiny.plane_size)
         torch.testing.assert_close(out.positions[b, view, g], expected, atol=1e-4, rtol=1e-5)
     assert VirtualProjection(dinov2_tiny, views="pointclip_v2", num_views=10).num_views == 10
     with pytest.raises(ConfigError, match="1..10 with the pointclip_v2 views"):
@@ -212,7 +212,7 @@ def test_token_cells_of_each_guidance_kind(clip_tiny):
     proj = VirtualProjection(clip_tiny, plane_size=[56, 56])
     out = proj(torch.randn(2, 12, 3), clip_tiny.pos_embed_1d)
     torch.testing.assert_close(proj.token_cells(out, "1d", None), line_cells(out.positions, 77, 2.0)[0])
-    pixels = project_to_plane(out.unit, pointclip_view_rotations(6).float(), 1.4, (56, 56))
+    pixels = project_to_plane(out.xyz, pointclip_view_rotations(6).float(), 1.4, (56, 56))
     torch.testing.assert_close(proj.token_cells(out, "2d", 14), plane_cells(pixels, (56, 56), 14)[0])
     voxels = proj.token_cells(out, "3d", 0.5)
     assert voxels.shape == (2, 6, 12) and torch.equal(voxels[:, 0], voxels[:, 5])
@@ -224,7 +224,7 @@ def test_pe_variants(clip_tiny):
     assert VirtualProjection(clip_tiny, pe="none")(centres, table).pe is None
     sinusoidal = VirtualProjection(clip_tiny, pe="sinusoidal")
     out = sinusoidal(centres, table)
-    torch.testing.assert_close(out.pe, sincos_embedding(out.unit, 64))
+    torch.testing.assert_close(out.pe, sincos_embedding(out.xyz, 64))
     assert not list(sinusoidal.parameters())
     learnable = VirtualProjection(clip_tiny, pe="learnable")
     assert learnable(centres, table).pe.shape == (2, 8, 64)

@@ -339,3 +339,21 @@ def test_no_file_cites_documents_outside_the_repository() -> None:
     method = (ROOT / "docs/method.md").read_text()
     for section in ("Tokenizer", "projection", "adapter", "Parameter", "official code"):
         assert section.lower() in method.lower(), section
+
+
+
+@pytest.mark.parametrize("failure", [IndexError("list index out of range"), KeyError(7), TypeError("bad"),
+                                     EOFError("Ran out of input")])
+def test_any_unpickling_failure_is_a_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      failure: Exception) -> None:
+    """Damaged bytes fail in many ways inside the weights-only unpickler (an IndexError was seen
+    on random bytes); each one is a CheckpointError naming the file, never a traceback."""
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(b"not really a checkpoint")
+
+    def failing_load(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(CheckpointError, match="damaged.pth"):
+        checkpoint.load(path)

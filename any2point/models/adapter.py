@@ -14,12 +14,13 @@ tokens ``(B, 1 + G, C)``:
 
 The M local attentions and their LayerNorms are shared by all blocks (:class:`ViewLocalAttention`);
 each block has its own bottleneck, per-view BN and 3D BN (:class:`AdapterBlock`). Cells and voxels
-are pooled only where they hold tokens (empty ones take no part in the BN statistics); views,
+are pooled only where they hold tokens (empty ones take no part in the BN statistics, unless
+``dense_cell_norm`` asks for the released code's dense table); views,
 samples and cells are all batched, without Python loops.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -57,14 +58,21 @@ class GroupedBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_groups, channels))
         self.register_buffer("running_var", torch.ones(num_groups, channels))
 
-    def forward(self, x: Tensor, group: Tensor) -> Tensor:
+    def forward(self, x: Tensor, group: Tensor, rows_per_group: Optional[int] = None) -> Tensor:
+        """Normalise ``x (R, C)``. ``rows_per_group``: every group has that many rows, those not in
+        ``x`` being zero rows that count in the batch statistics (the released code's dense table of
+        all cells, empty ones included; docs/method.md deviation 5); ``None``: only the given rows."""
         x32 = x.float()
         if self.training:
-            counts = torch.bincount(group, minlength=self.num_groups).to(x32.dtype)[:, None]
+            present_rows = torch.bincount(group, minlength=self.num_groups).to(x32.dtype)[:, None]
+            counts = present_rows if rows_per_group is None else torch.full_like(present_rows, rows_per_group)
             zeros = x32.new_zeros(self.num_groups, x32.shape[1])
             mean = zeros.index_add(0, group, x32) / counts.clamp_min(1)
             centred = x32 - mean[group]
-            var = zeros.index_add(0, group, centred.square()) / counts.clamp_min(1)
+            var = zeros.index_add(0, group, centred.square())
+            if rows_per_group is not None:
+                var = var + (counts - present_rows) * mean.square()  # the absent zero rows
+            var = var / counts.clamp_min(1)
             with torch.no_grad():
                 present = counts[:, 0] > 0
                 unbiased = var * counts / (counts - 1).clamp_min(1)

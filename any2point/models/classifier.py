@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,17 +26,33 @@ from any2point.registry import MODELS, ConfigError, build_from_cfg
 logger = logging.getLogger("any2point")
 
 
-class ClassificationHead(nn.Sequential):
-    """``(B, in) -> (B, classes)``: per hidden width Linear + BN + ReLU + Dropout, then Linear."""
+PEInjection = Literal["once", "every_block", "every_block_plus_initial"]
 
-    def __init__(self, in_features: int, widths: Sequence[int], num_classes: int, dropout: float) -> None:
+
+class ClassificationHead(nn.Sequential):
+    """``(B, in) -> (B, classes)``: per hidden width Linear + BN + ReLU + Dropout, then Linear.
+
+    ``hidden_bias=False`` drops the hidden Linears' biases (the BN after them has its own), as the
+    released ScanObjectNN code did (docs/method.md deviation 7)."""
+
+    def __init__(self, in_features: int, widths: Sequence[int], num_classes: int, dropout: float,
+                 hidden_bias: bool = True) -> None:
         layers: list[nn.Module] = []
         for width in widths:
-            layers += [nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
-                       nn.Dropout(dropout)]
+            layers += [nn.Linear(in_features, width, bias=hidden_bias), nn.BatchNorm1d(width),
+                       nn.ReLU(inplace=True), nn.Dropout(dropout)]
             in_features = width
         layers.append(nn.Linear(in_features, num_classes))
         super().__init__(*layers)
+
+
+def set_layer_norm_eps(module: nn.Module, eps: float, what: str) -> None:
+    """Set the ``eps`` of every ``nn.LayerNorm`` inside ``module`` (a :class:`ConfigError` if none)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.LayerNorm)]
+    if not norms:
+        raise ConfigError(f"model {what}: the source has no LayerNorm there")
+    for norm in norms:
+        norm.eps = eps
 
 
 def _init_token(source_value: Optional[Tensor], dim: int) -> nn.Parameter:
@@ -76,24 +92,50 @@ class Any2Point(nn.Module):
             ``injected_args`` of ``dim``, ``depth``, ``num_views`` and ``projection``.
         head_widths: hidden widths of the classification head.
         head_dropout: dropout after each hidden layer of the head.
+
+    The released code's behaviour (docs/method.md, "Where the official code differs from the
+    paper"), each switch off by default:
+
+        head_hidden_bias: ``False`` drops the biases of the head's hidden Linears (deviation 7).
+        pe_injection: ``once`` (default: the PE is added to the tokens, and the cls position to the cls
+            token, before the first block), ``every_block`` (``[cls position, PE]`` added before
+            every block instead) or ``every_block_plus_initial`` (both, so the first block sees it
+            twice) (deviation 3).
+        random_cls_pos: the cls token's position starts random (N(0, 0.02)) instead of the source's
+            own (deviation 8; matters for training only).
+        final_norm_eps, block_norm_eps: override the ``eps`` of the source's final LayerNorm and of
+            the LayerNorms in its blocks (the released code built its own norms: 1e-6 or 1e-5
+            where the source used the other; deviation 10).
     """
 
     def __init__(self, num_classes: int, source: dict, tokenizer: Optional[dict] = None,
                  projection: Optional[dict] = None, tuner: Optional[dict] = None,
-                 head_widths: Sequence[int] = (256, 256), head_dropout: float = 0.5) -> None:
+                 head_widths: Sequence[int] = (256, 256), head_dropout: float = 0.5,
+                 head_hidden_bias: bool = True, pe_injection: PEInjection = "once", random_cls_pos: bool = False,
+                 final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
+        if pe_injection not in PEInjection.__args__:
+            raise ConfigError(f"model pe_injection must be one of {PEInjection.__args__}, got '{pe_injection}'")
+        for key, eps in (("final_norm_eps", final_norm_eps), ("block_norm_eps", block_norm_eps)):
+            if eps is not None and eps <= 0:
+                raise ConfigError(f"model {key} must be positive, got {eps}")
+        self.pe_injection = pe_injection
         self.source = build_from_cfg(source, MODELS)
         if not isinstance(self.source, SourceTransformer):
             raise ConfigError(f"model source '{source['type']}' is not a SourceTransformer")
         dim = self.source.dim
+        if final_norm_eps is not None:
+            set_layer_norm_eps(self.source.norm, final_norm_eps, "final_norm_eps")
+        if block_norm_eps is not None:
+            set_layer_norm_eps(self.source.blocks, block_norm_eps, "block_norm_eps")
         self.tokenizer = build_from_cfg(tokenizer or {"type": "PointPNTokenizer"}, MODELS, dim=dim)
         self.projection = build_from_cfg(projection or {"type": "VirtualProjection"}, MODELS, source=self.source)
         self.tuner = self._build_tuner(tuner or {"type": "GuidedAdapter"})
         self.cls_token = _init_token(self.source.cls_token, dim)
-        self.cls_pos_embed = _init_token(self.source.cls_pos_embed, dim)
-        self.head = ClassificationHead(2 * dim, head_widths, num_classes, head_dropout)
+        self.cls_pos_embed = _init_token(None if random_cls_pos else self.source.cls_pos_embed, dim)
+        self.head = ClassificationHead(2 * dim, head_widths, num_classes, head_dropout, head_hidden_bias)
         self.tuner.attach(self.source)
         self.train()
         counts = self.parameter_counts()
@@ -136,17 +178,30 @@ class Any2Point(nn.Module):
             raise ValueError(f"Any2Point expects points of shape (B, N, 3), got {tuple(points.shape)}")
         centres, tokens = self.tokenizer(points)
         projected = self.projection(centres, self._table())
-        if projected.pe is not None:
-            tokens = tokens + projected.pe
         context = self.tuner.prepare(projected, self.projection)
-        cls = (self.cls_token + self.cls_pos_embed).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        b = tokens.shape[0]
+        initial = self.pe_injection != "every_block"
+        if initial and projected.pe is not None:
+            tokens = tokens + projected.pe
+        cls = self.cls_token + self.cls_pos_embed if initial else self.cls_token
+        x = torch.cat([cls.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
         for index in range(self.source.depth):
             x = self.tuner.enter_block(index, x, context)
+            if self.pe_injection != "once":
+                x = x + self._block_pe(projected.pe, x)
             hooks = self.tuner.hooks(index, context)
             x = self.source.forward_block(index, x, ffn_hook=hooks.ffn, attn_hook=hooks.attn)
         x = self.source.norm(x)
         return Encoded(centres=centres, cls=x[:, 0], tokens=x[:, 1 + self.tuner.num_prompts:])
+
+    def _block_pe(self, pe: Optional[Tensor], x: Tensor) -> Tensor:
+        """``[cls position, zeros for the prompt tokens, PE]`` ``(B, T, C)`` for tokens ``x (B, T, C)``."""
+        b, t, c = x.shape
+        parts = [self.cls_pos_embed.expand(b, -1, -1).to(x.dtype),
+                 x.new_zeros(b, t - 1 - (0 if pe is None else pe.shape[1]), c)]
+        if pe is not None:
+            parts.append(pe.to(x.dtype))
+        return torch.cat(parts, dim=1)
 
     def forward(self, points: Tensor) -> Tensor:
         """``points (B, N, 3) -> logits (B, num_classes)``."""

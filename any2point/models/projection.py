@@ -7,7 +7,8 @@ views, the paper's Table 8). The M embeddings sampled there are averaged and add
 once. The same positions, cut into cells, guide the adapter's local attention: :func:`token_cells`
 is the one place that says which cell each token is in.
 
-Geometry is pure functions on the centres normalised per sample to the unit sphere:
+Geometry is pure functions on the centres normalised per sample to the unit sphere (or, with
+``frame: data``, on the centres as the data gives them, as the released code did):
 
 - :func:`normalize_to_unit_sphere` ``(B, G, 3) -> (B, G, 3)``;
 - :func:`project_to_lines` ``(B, G, 3) -> (B, M, G)`` continuous rows in ``[0, L - 1]``, and
@@ -15,6 +16,12 @@ Geometry is pure functions on the centres normalised per sample to the unit sphe
 - :func:`project_to_plane` ``(B, G, 3) -> (B, M, G, 2)`` pixel ``(row, col)`` on the virtual plane
   (perspective or orthographic camera), and :func:`plane_cells` ``-> (B, M, G)`` cell indices;
 - :func:`sample_table_1d` / :func:`sample_table_2d`: the interpolated embeddings ``(B, M, G, C)``.
+
+The released code's own geometry is here too, each part behind its own off-by-default switch of
+:class:`VirtualProjection` (docs/method.md, "Where the official code differs from the paper"):
+:func:`official_line_positions` and :func:`sample_table_1d_official` (``line_index: official``),
+:func:`official_plane_positions` (``plane_index: official``), :func:`official_grid_view`
+(``official_grid_view``) and :func:`scramble_2d` (``pe_2d_scramble``).
 
 :class:`VirtualProjection` wires them to a source and offers the positional-embedding variants of
 the paper's Table 4: ``virtual`` (default), ``none``, ``sinusoidal`` and ``learnable``.
@@ -37,6 +44,8 @@ from any2point.registry import MODELS, ConfigError
 
 PEKind = Literal["virtual", "none", "sinusoidal", "learnable"]
 LineKind = Literal["even", "pointclip_views"]
+Frame = Literal["unit_sphere", "data"]
+IndexKind = Literal["paper", "official"]
 ViewKind = Literal["pointclip", "pointclip_v2"]
 CellKind = Literal["1d", "2d", "3d"]
 
@@ -206,17 +215,74 @@ def sample_table_1d(table: Tensor, rows: Tensor) -> Tensor:
     return table[lo] * (1 - frac) + table[hi] * frac
 
 
-def sample_table_2d(table: Tensor, pixels: Tensor, plane_size: Sequence[int]) -> Tensor:
+def sample_table_2d(table: Tensor, pixels: Tensor, plane_size: Sequence[int],
+                    padding: Literal["border", "zeros"] = "border") -> Tensor:
     """Bilinear sample of a 2D table ``(H_grid, W_grid, C)`` at plane pixels ``(..., 2)`` (row, col)
     -> ``(..., C)``; the plane's corner pixels map to the table's corner entries
-    (``grid_sample`` with ``align_corners=True``)."""
+    (``grid_sample`` with ``align_corners=True``); outside the plane the table's border repeats, or
+    zeros are read (``padding``)."""
     height, width = plane_size
     lead = pixels.shape[:-1]
     grid = torch.stack([pixels[..., 1] / (width - 1), pixels[..., 0] / (height - 1)], dim=-1) * 2 - 1
     image = table.permute(2, 0, 1).unsqueeze(0)
     out = F.grid_sample(image, grid.reshape(1, -1, 1, 2).to(table.dtype), mode="bilinear",
-                        padding_mode="border", align_corners=True)
+                        padding_mode=padding, align_corners=True)
     return out[0, :, :, 0].t().reshape(*lead, table.shape[-1])
+
+
+def official_line_positions(xyz: Tensor, directions: Tensor, length: int) -> Tensor:
+    """The released code's 1D positions ``(B, M, G)`` in ``[0, length)`` of centres ``(B, G, 3)`` on
+    ``M`` lines ``(M, 3)`` (deviation 4): per sample and line, ``t = (p - mean p) . v`` is min-max
+    scaled to ``[0, length]``, shifted by -0.5 and wrapped modulo ``length`` (the minimum lands on
+    ``length - 0.5``). Independent of the centres' frame."""
+    t = torch.einsum("bgc,mc->bmg", xyz - xyz.mean(dim=1, keepdim=True), directions.to(xyz))
+    lo, hi = t.amin(dim=-1, keepdim=True), t.amax(dim=-1, keepdim=True)
+    return torch.remainder((t - lo) / (hi - lo) * length - 0.5, length)
+
+
+def sample_table_1d_official(table: Tensor, positions: Tensor) -> Tensor:
+    """The released code's 1D lookup (deviation 4) at positions ``(B, M, G)`` -> ``(B, M, G, C)``.
+
+    The positions of the *whole batch* are rescaled by one factor, ``x = s * (L - 1) / (max s - min s)``;
+    rows ``l = clamp(floor x)`` and ``r = clamp(ceil x)`` (clamped to ``[0, L - 1]``) are weighted
+    ``r - x`` and ``x - l``: an exact integer gets zero weight on both, and so does every ``x >= L - 1``
+    (always the batch's largest position)."""
+    last = table.shape[0] - 1
+    x = positions * (last / (positions.max() - positions.min()))
+    lo = x.floor().clamp(0, last)
+    hi = x.ceil().clamp(0, last)
+    return ((hi - x).unsqueeze(-1) * table[lo.long()] + (x - lo).unsqueeze(-1) * table[hi.long()]).to(table.dtype)
+
+
+def official_plane_positions(xyz: Tensor, rotations: Tensor, trans: float, plane_size: Sequence[int]) -> Tensor:
+    """The released code's pixels ``(B, M, G, 2)`` as ``(row, col)`` on a plane of ``(H, W)`` pixels
+    (deviation 12): ``p' = R p``, ``z = z' + |trans| + 1e-12``, ``u = x' / z``, ``v = y' / z * H / W``,
+    ``col = ((u + 1) W / 2 - 0.5) mod W``, ``row = ((v + 1) H / 2 - 0.5) mod H``: not clamped, so a
+    point outside the view wraps around to the other side."""
+    height, width = plane_size
+    rotated = torch.einsum("mij,bgj->bmgi", rotations.to(xyz), xyz)
+    depth = rotated[..., 2] + abs(trans) + 1e-12
+    u = rotated[..., 0] / depth
+    v = rotated[..., 1] / depth * (height / width)
+    col = torch.remainder((u + 1) * width / 2 - 0.5, width)
+    row = torch.remainder((v + 1) * height / 2 - 0.5, height)
+    return torch.stack([row, col], dim=-1)
+
+
+def official_grid_view(table: Tensor) -> Tensor:
+    """The released code's reading of a ``(H_grid, W_grid, C)`` table (deviation 2): its entries in
+    row-major order re-read as a ``(W_grid, H_grid, C)`` grid (ImageBind's 12 x 19 grid as 19 x 12);
+    the identity for a square grid."""
+    rows, cols, channels = table.shape
+    return table.reshape(cols, rows, channels)
+
+
+def scramble_2d(sampled: Tensor) -> Tensor:
+    """The released code's reshape of the sampled 2D embeddings (deviation 2): ``(B, M, G, C)`` laid out
+    as the ``(B, M, C, G)`` output of ``grid_sample`` and reshaped to ``(B, M, G, C)`` without a
+    transpose, which mixes tokens and channels."""
+    b, m, g, c = sampled.shape
+    return sampled.transpose(-1, -2).reshape(b, m, g, c)
 
 
 @dataclass
@@ -224,12 +290,13 @@ class Projected:
     """What the projection hands to the classifier for one batch.
 
     Attributes:
-        unit: token centres normalised to the unit sphere ``(B, G, 3)``.
+        xyz: the token centres in the projection's frame ``(B, G, 3)``: normalised to the unit sphere
+            (``frame: unit_sphere``) or as given (``frame: data``); the 3D cells and voxels use them.
         positions: per view, rows ``(B, M, G)`` (1D source) or pixels ``(B, M, G, 2)`` (2D source).
         pe: the positional embedding to add to the tokens ``(B, G, C)``, or ``None`` (``pe: none``).
     """
 
-    unit: Tensor
+    xyz: Tensor
     positions: Tensor
     pe: Optional[Tensor]
 
@@ -259,6 +326,24 @@ class VirtualProjection(nn.Module):
             guidance (default: the source's table length for 1D sources).
         plane_size: ``[H, W]`` pixels of the virtual plane when the source is 1D but the adapter asks
             for 2D guidance (default: the source's plane for 2D sources).
+
+    The released code's geometry (docs/method.md, "Where the official code differs from the paper"),
+    each switch off by default:
+
+        frame: ``unit_sphere`` (default) projects and voxelises the centres normalised per sample;
+            ``data`` uses them as the data gives them (deviation 11).
+        line_index: ``paper`` (default) or ``official``: positions min-max scaled per sample and line
+            and wrapped (:func:`official_line_positions`), the table read at positions rescaled by the
+            whole batch's range, zero weight at integers (:func:`sample_table_1d_official`; deviation 4).
+        plane_index: ``paper`` (default) or ``official``: perspective pixels without clamping, wrapped
+            modulo the plane (:func:`official_plane_positions`), the table sampled with zero padding
+            outside it (deviation 12).
+        official_grid_view: lay the plane out transposed (camera x across ``H`` pixels, y across
+            ``W``) and read the table's entries as a grid of the transposed shape
+            (:func:`official_grid_view`): ImageBind's 12 x 19 grid read as 19 x 12; no effect on a
+            square plane (deviation 2).
+        pe_2d_scramble: reshape the sampled 2D embeddings without the transpose
+            (:func:`scramble_2d`; deviation 2).
     """
 
     injected_args = ("source",)
@@ -266,8 +351,19 @@ class VirtualProjection(nn.Module):
     def __init__(self, source: SourceTransformer, pe: PEKind = "virtual", num_views: int = 6,
                  lines: LineKind = "even", line_direction: Optional[list[float]] = None,
                  views: ViewKind = "pointclip", trans: float = 1.4, line_length: Optional[int] = None,
-                 plane_size: Optional[list[int]] = None) -> None:
+                 plane_size: Optional[list[int]] = None, frame: Frame = "unit_sphere",
+                 line_index: IndexKind = "paper", plane_index: IndexKind = "paper",
+                 official_grid_view: bool = False, pe_2d_scramble: bool = False) -> None:
         super().__init__()
+        for key, value, allowed in (("frame", frame, Frame), ("line_index", line_index, IndexKind),
+                                    ("plane_index", plane_index, IndexKind)):
+            if value not in allowed.__args__:
+                raise ConfigError(f"projection {key} must be one of {allowed.__args__}, got '{value}'")
+        if (plane_index == "official" or official_grid_view) and views != "pointclip":
+            raise ConfigError("projection plane_index: official and official_grid_view apply to the "
+                              "pointclip views only")
+        self.frame, self.line_index, self.plane_index = frame, line_index, plane_index
+        self.official_grid_view, self.pe_2d_scramble = official_grid_view, pe_2d_scramble
         if pe not in PEKind.__args__:
             raise ConfigError(f"projection pe must be one of {PEKind.__args__}, got '{pe}'")
         if lines not in LineKind.__args__:
@@ -313,20 +409,32 @@ class VirtualProjection(nn.Module):
         self.mlp = (nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, self.dim))
                     if pe == "learnable" else None)
 
-    def positions(self, unit: Tensor, kind: Literal["1d", "2d"]) -> Tensor:
+    @property
+    def view_plane(self) -> Optional[tuple[int, int]]:
+        """``(H, W)`` pixels of the plane the views are laid out on (transposed with
+        ``official_grid_view``)."""
+        if self.plane_size is None or not self.official_grid_view:
+            return self.plane_size
+        return self.plane_size[1], self.plane_size[0]
+
+    def positions(self, xyz: Tensor, kind: Literal["1d", "2d"]) -> Tensor:
         """Rows ``(B, M, G)`` on the M lines or pixels ``(B, M, G, 2)`` on the M views."""
         if kind == "1d":
             if self.line_length is None:
                 raise ConfigError("1D guidance on a 2D source needs the projection's line_length")
-            return project_to_lines(unit, self.directions, self.line_length)
+            if self.line_index == "official":
+                return official_line_positions(xyz, self.directions, self.line_length)
+            return project_to_lines(xyz, self.directions, self.line_length)
         if self.plane_size is None:
             raise ConfigError("2D guidance on a 1D source needs the projection's plane_size")
         if self.num_views > self.rotations.shape[0]:
             raise ConfigError(f"2D guidance uses the {self.rotations.shape[0]} {self.views} views; num_views "
                               f"is {self.num_views}")
         if self.views == "pointclip_v2":
-            return project_to_plane(unit, self.rotations, None, self.plane_size, POINTCLIP_V2_OBJECT_RATIO)
-        return project_to_plane(unit, self.rotations, self.trans, self.plane_size)
+            return project_to_plane(xyz, self.rotations, None, self.plane_size, POINTCLIP_V2_OBJECT_RATIO)
+        if self.plane_index == "official":
+            return official_plane_positions(xyz, self.rotations, self.trans, self.view_plane)
+        return project_to_plane(xyz, self.rotations, self.trans, self.view_plane)
 
     def cell_size(self, kind: CellKind, cell_size: Optional[float]) -> Optional[float]:
         """The side of a cell of ``kind``: ``cell_size``, else 2 rows (1D) or the source's patch (2D);
@@ -350,35 +458,51 @@ class VirtualProjection(nn.Module):
 
         ``1d``: segments of ``cell_size`` rows on each line; ``2d``: squares of ``cell_size`` px on
         each view's plane (both from the source's own projection, or projected here when the source
-        is of the other kind); ``3d``: voxels of side ``cell_size`` of the unit-sphere centres, the
+        is of the other kind); ``3d``: voxels of side ``cell_size`` of the centres in the projection's frame, the
         same in every view."""
-        unit = projected.unit
+        return self.cells_and_count(projected, kind, cell_size)[0]
+
+    def cells_and_count(self, projected: "Projected", kind: CellKind, cell_size: Optional[float]) -> tuple[Tensor, int]:
+        """:meth:`token_cells` and the number of cells per sample and view (``0`` for 3D cells, whose
+        number depends on the data)."""
+        xyz = projected.xyz
         if kind == "3d":
-            return voxel_ids(unit, cell_size).unsqueeze(1).expand(-1, self.num_views, -1)
+            return voxel_ids(xyz, cell_size).unsqueeze(1).expand(-1, self.num_views, -1), 0
         native = "1d" if self.modality_dim == 1 else "2d"
-        positions = projected.positions if kind == native else self.positions(unit, kind)
+        positions = projected.positions if kind == native else self.positions(xyz, kind)
         size = self.cell_size(kind, cell_size)
         if kind == "1d":
-            return line_cells(positions, self.line_length, size)[0]
-        return plane_cells(positions, self.plane_size, size)[0]
+            return line_cells(positions, self.line_length, size)
+        return plane_cells(positions, self.view_plane, size)
 
     def forward(self, centres: Tensor, table: Tensor) -> Projected:
         """``centres (B, G, 3)`` and the source table -> :class:`Projected`."""
         if centres.ndim != 3 or centres.shape[-1] != 3:
             raise ValueError(f"token centres must have shape (B, G, 3), got {tuple(centres.shape)}")
         unit = normalize_to_unit_sphere(centres)
+        xyz = unit if self.frame == "unit_sphere" else centres
         kind = "1d" if self.modality_dim == 1 else "2d"
-        positions = self.positions(unit, kind)
+        positions = self.positions(xyz, kind)
         pe: Optional[Tensor] = None
         if self.pe_kind == "virtual":
-            sampled = (sample_table_1d(table, positions) if kind == "1d"
-                       else sample_table_2d(table, positions, self.plane_size))
-            pe = sampled.mean(dim=1).to(centres.dtype)
+            pe = self._sample(table, positions, kind).mean(dim=1).to(centres.dtype)
         elif self.pe_kind == "sinusoidal":
             pe = sincos_embedding(unit, self.dim)
         elif self.pe_kind == "learnable":
             pe = self.mlp(unit)
-        return Projected(unit=unit, positions=positions, pe=pe)
+        return Projected(xyz=xyz, positions=positions, pe=pe)
+
+    def _sample(self, table: Tensor, positions: Tensor, kind: Literal["1d", "2d"]) -> Tensor:
+        """The source's embeddings at the positions: ``(B, M, G, C)``."""
+        if kind == "1d":
+            if self.line_index == "official":
+                return sample_table_1d_official(table, positions)
+            return sample_table_1d(table, positions)
+        if self.official_grid_view:
+            table = official_grid_view(table)
+        padding = "zeros" if self.plane_index == "official" else "border"
+        sampled = sample_table_2d(table, positions, self.view_plane, padding)
+        return scramble_2d(sampled) if self.pe_2d_scramble else sampled
 
     def extra_repr(self) -> str:
         geometry = (f"lines={self.num_views}, length={self.line_length}" if self.modality_dim == 1

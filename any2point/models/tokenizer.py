@@ -21,7 +21,7 @@ from torch import Tensor
 from any2point.extensions import furthest_point_sample, gather, group, knn
 from any2point.registry import MODELS, ConfigError
 
-NormMode = Literal["scan", "mn40"]
+NormMode = Literal["scan", "mn40", "mn40_batch"]
 
 
 def sincos_embedding(xyz: Tensor, dim: int, alpha: float = 1000.0, beta: float = 100.0) -> Tensor:
@@ -229,9 +229,12 @@ class PointPNStage(nn.Module):
 
     def _normalize(self, offsets: Tensor) -> Tensor:
         """``scan``: divide each axis by its max |offset| over the k neighbours of the group;
-        ``mn40``: divide by the std of all offsets of the sample (per sample, not per batch)."""
+        ``mn40``: divide by the std of all offsets of the sample; ``mn40_batch``: by the std of all
+        offsets of the whole batch, as the released ModelNet40 code did (docs/method.md deviation 9)."""
         if self.norm == "scan":
             return offsets / offsets.abs().amax(dim=2, keepdim=True).clamp_min(1e-8)
+        if self.norm == "mn40_batch":
+            return offsets / (offsets.std() + 1e-5)
         std = offsets.flatten(1).std(dim=1)
         return offsets / (std[:, None, None, None] + 1e-5)
 
@@ -249,8 +252,9 @@ class PointPNTokenizer(nn.Module):
         blocks: residual blocks per stage.
         mids: hidden width of each stage's residual blocks; default half the stage width, and 32 for
             the last stage.
-        norm: neighbour normalisation, ``scan`` (per-axis max over each group, ScanObjectNN) or
-            ``mn40`` (std, ModelNet40).
+        norm: neighbour normalisation, ``scan`` (per-axis max over each group, ScanObjectNN),
+            ``mn40`` (std per sample, ModelNet40) or ``mn40_batch`` (std over the whole batch, the
+            released ModelNet40 code's; off by default).
         alpha, beta: the sin/cos embedding's base and scale.
         recompute: in training, keep only each block's ``(B G k, mid)`` first activation for
             backward and recompute the rest (lean memory for about 1.2x the blocks' matmuls);

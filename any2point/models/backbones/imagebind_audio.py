@@ -92,12 +92,13 @@ class BiasKVAttention(nn.Module):
         nn.init.xavier_normal_(self.bias_k)
         nn.init.xavier_normal_(self.bias_v)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, T, C) -> (B, T, C)."""
+    def forward(self, x: Tensor, plain_qkv: bool = False) -> Tensor:
+        """(B, T, C) -> (B, T, C); ``plain_qkv`` leaves the bias key and value out."""
         batch, tokens, dim = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        k = torch.cat([k, self.bias_k.to(k.dtype).expand(batch, 1, dim)], dim=1)  # k may be autocast
-        v = torch.cat([v, self.bias_v.to(v.dtype).expand(batch, 1, dim)], dim=1)
+        if not plain_qkv:
+            k = torch.cat([k, self.bias_k.to(k.dtype).expand(batch, 1, dim)], dim=1)  # k may be autocast
+            v = torch.cat([v, self.bias_v.to(v.dtype).expand(batch, 1, dim)], dim=1)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
@@ -107,10 +108,11 @@ class ImageBindBlock(nn.Module):
     """ImageBind's pre-LN transformer block (``BlockWithMasking`` without layer scale), batch-first:
     (B, T, C) -> (B, T, C). Child names follow ImageBind's checkpoint keys."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, plain_qkv: bool = False) -> None:
         from timm.layers import Mlp
 
         super().__init__()
+        self.plain_qkv = plain_qkv
         self.attn = BiasKVAttention(dim, num_heads)
         self.norm_1 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -119,7 +121,7 @@ class ImageBindBlock(nn.Module):
     def forward(self, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
                 attn_hook: Optional[ResidualHook] = None) -> Tensor:
         """(B, T, C) -> (B, T, C); the hooks replace the residual adds of the attention and the FFN."""
-        x = residual(attn_hook, x, self.attn(self.norm_1(x)))
+        x = residual(attn_hook, x, self.attn(self.norm_1(x), self.plain_qkv))
         return residual(ffn_hook, x, self.mlp(self.norm_2(x)))
 
 
@@ -135,11 +137,13 @@ class ImageBindAudioSource(SourceTransformer):
             stride + 1)``; ``kernel_size`` is also the cell side on the virtual plane.
         pretrained: path of ``imagebind_huge.pth`` (or an extract holding its audio keys); ``None``
             builds at random init.
+        official_plain_qkv: attention without the learned bias key and value, as the released
+            Any2Point code ran ImageBind's blocks (docs/method.md deviation 8); off by default.
     """
 
     def __init__(self, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  num_mel_bins: int = 128, target_len: int = 204, kernel_size: int = 16, stride: int = 10,
-                 pretrained: Optional[str] = None) -> None:
+                 pretrained: Optional[str] = None, official_plain_qkv: bool = False) -> None:
         super().__init__()
         height = (num_mel_bins - kernel_size) // stride + 1
         width = (target_len - kernel_size) // stride + 1
@@ -151,7 +155,8 @@ class ImageBindAudioSource(SourceTransformer):
         self.depth = depth
         self.patch_size = kernel_size
         self.plane_size = (height * kernel_size, width * kernel_size)
-        self.blocks = nn.ModuleList(ImageBindBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(ImageBindBlock(embed_dim, num_heads, mlp_ratio, official_plain_qkv)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
         # ImageBind's ("openclip"-style) init of the class token and positional table.

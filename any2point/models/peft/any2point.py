@@ -39,6 +39,8 @@ class GuidanceContext:
         voxel_ids: ``(B * G,)`` index of each (sample, token)'s non-empty voxel (``None`` without the
             cosine ensemble, which alone uses the 3D branch).
         num_voxels: number of non-empty voxels in the batch.
+        cells_per_view: with ``dense_cell_norm``, the number of cells of each view in the batch,
+            empty ones included (samples x cells per sample); else ``None``.
     """
 
     shape: tuple[int, int, int]
@@ -47,6 +49,7 @@ class GuidanceContext:
     view_of_cell: Tensor
     voxel_ids: Optional[Tensor]
     num_voxels: int
+    cells_per_view: Optional[int] = None
 
 
 @MODELS.register()
@@ -70,7 +73,8 @@ class GuidedAdapter(Tuner):
             the paper), or ``1d`` / ``2d`` / ``3d`` (voxels) for the ablation.
         cell_size: side of a cell: rows for 1D (default 2), pixels for 2D (default the source's
             patch size), unit-sphere length for 3D (default ``voxel_size``).
-        voxel_size: voxel side of the 3D branch, on the centres normalised to the unit sphere.
+        voxel_size: voxel side of the 3D branch, on the centres in the projection's frame (the unit sphere by
+            default).
         ensemble: weight the views by their cosine agreement with the 3D branch; else average them
             (and build no 3D branch).
         position: ``after`` the FFN (the paper: the bottleneck reads the FFN output), ``parallel``
@@ -78,6 +82,9 @@ class GuidedAdapter(Tuner):
             stream before the FFN output is added).
         insert_depth: adapt only the first ``insert_depth`` blocks (default: all).
         projection: the virtual projection (injected): checked to be able to cut the guidance's cells.
+        dense_cell_norm: the per-view batch norms take their training statistics over every cell of
+            the plane or line, empty ones as zero rows, as the released code did (docs/method.md
+            deviation 5; identical in eval mode); default off: over the cells that hold tokens.
     """
 
     injected_args = ("dim", "depth", "num_views", "projection")
@@ -86,7 +93,8 @@ class GuidedAdapter(Tuner):
                  dropout: float = 0.1, coef: float = 0.3, attn_dim: int = 12, attn_heads: int = 6,
                  pool: Pool = "mean", guidance: GuidanceKind = "source", cell_size: Optional[float] = None,
                  voxel_size: float = 0.08, ensemble: bool = True, position: Position = "after",
-                 insert_depth: Optional[int] = None, projection: Optional[VirtualProjection] = None) -> None:
+                 insert_depth: Optional[int] = None, projection: Optional[VirtualProjection] = None,
+                 dense_cell_norm: bool = False) -> None:
         super().__init__()
         for key, value, allowed in (("pool", pool, Pool), ("guidance", guidance, GuidanceKind),
                                     ("position", position, Position)):
@@ -101,6 +109,9 @@ class GuidedAdapter(Tuner):
         self.scale, self.coef, self.pool = scale, coef, pool
         self.guidance, self.cell_size, self.voxel_size = guidance, cell_size, voxel_size
         self.ensemble, self.position, self.insert_depth = ensemble, position, insert_depth
+        self.dense_cell_norm = dense_cell_norm
+        if dense_cell_norm and guidance == "3d":
+            raise ConfigError("adapter dense_cell_norm needs cells of a line or plane (guidance 3d has none)")
         self.local_attention = ViewLocalAttention(num_views, dim, attn_dim, attn_heads)
         self.blocks = nn.ModuleList(AdapterBlock(dim, bottleneck, dropout, num_views, ensemble)
                                     for _ in range(insert_depth))
@@ -119,19 +130,22 @@ class GuidedAdapter(Tuner):
 
     def prepare(self, projected: Projected, projection: VirtualProjection) -> GuidanceContext:
         """The batch's :class:`GuidanceContext` from the projection's cells of every token."""
-        cells = projection.token_cells(projected, self.cell_kind(projection), self.guidance_cell_size())
-        return self.context(cells, projected.unit)
+        cells, num_cells = projection.cells_and_count(projected, self.cell_kind(projection),
+                                                      self.guidance_cell_size())
+        return self.context(cells, projected.xyz, num_cells)
 
-    def context(self, cells: Tensor, unit: Tensor) -> GuidanceContext:
+    def context(self, cells: Tensor, xyz: Tensor, num_cells: int = 0) -> GuidanceContext:
         """Build the batch's :class:`GuidanceContext` from the cell of each token in each view
-        ``(B, M, G)`` and the unit-sphere centres ``(B, G, 3)`` (voxelised here for the 3D branch)."""
+        ``(B, M, G)``, the centres in the projection's frame ``(B, G, 3)`` (voxelised here for the 3D
+        branch) and the number of cells of a sample's line or plane (for ``dense_cell_norm``)."""
         b, m, g = cells.shape
         mask = (cells[..., :, None] == cells[..., None, :]).reshape(b * m, 1, g, g)
         cell_ids, cell_row = compact_segments(cells.reshape(b * m, g))
+        dense = b * num_cells if self.dense_cell_norm else None
         if not self.ensemble:
-            return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, None, 0)
-        voxel_index, voxel_row = compact_segments(voxel_ids(unit, self.voxel_size))
-        return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, voxel_index, voxel_row.numel())
+            return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, None, 0, dense)
+        voxel_index, voxel_row = compact_segments(voxel_ids(xyz, self.voxel_size))
+        return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, voxel_index, voxel_row.numel(), dense)
 
     def hook(self, index: int, context: GuidanceContext) -> Optional[ResidualHook]:
         """The FFN hook of block ``index``, or ``None`` past ``insert_depth`` (plain ``x + f``)."""
@@ -156,7 +170,8 @@ class GuidedAdapter(Tuner):
         c = points.shape[-1]
         local = self.local_attention(points, context.mask).reshape(b * m * g, c)
         pooled = pool_segments(local, context.cell_ids, context.view_of_cell.numel(), self.pool)
-        views = F.gelu(block.view_norm(pooled, context.view_of_cell))[context.cell_ids].reshape(b, m, g, c)
+        normed = block.view_norm(pooled, context.view_of_cell, context.cells_per_view)
+        views = F.gelu(normed)[context.cell_ids].reshape(b, m, g, c)
         if self.ensemble:
             flat = points.reshape(b * g, c)
             pooled3d = pool_segments(flat, context.voxel_ids, context.num_voxels, "maxmean")
@@ -172,4 +187,4 @@ class GuidedAdapter(Tuner):
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, coef={self.coef}, pool={self.pool}, guidance={self.guidance}, "
                 f"cell_size={self.cell_size}, voxel_size={self.voxel_size}, ensemble={self.ensemble}, "
-                f"position={self.position}, insert_depth={self.insert_depth}")
+                f"position={self.position}, insert_depth={self.insert_depth}, dense_cell_norm={self.dense_cell_norm}")
