@@ -2,7 +2,8 @@
 
     python main.py --config cfgs/demo.yaml [key=value ...]          # train
     python main.py --config cfgs/demo.yaml --resume                 # continue a killed run
-    python main.py --test --ckpt experiments/demo/ckpt-best.pth     # evaluate a checkpoint
+    python main.py --test --ckpt experiments/demo/ckpt-best.pth     # test a checkpoint (results.json)
+    python main.py --test --ckpt ... --vote 10                      # test with 10-pass voting
     torchrun --nproc_per_node=N main.py --config ...                # several GPUs (or CPU processes)
 
 A mistake (a config key, a file, a flag) ends with one line "error: ..." and exit code 2; --debug
@@ -32,6 +33,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ignore-source-mismatch", action="store_true",
                    help="use a checkpoint with other source weights than it was trained with (a warning)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    p.add_argument("--vote", type=int, default=1, metavar="N",
+                   help="with --test: average the logits of N passes over the test set, each with its own draw "
+                        "of the training (or dataset.transforms.vote) augmentations; never used to select a model")
+    p.add_argument("--vote-seed", type=int, default=0, help="seed of the voting augmentations (default 0)")
+    p.add_argument("--results", default="results.json", metavar="NAME",
+                   help="with --test: results file written next to the checkpoint (default results.json)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (a new key: +key=value)")
     args = p.parse_args(argv)
     resuming = args.resume or args.resume_from is not None
@@ -44,6 +51,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 "are training flags")
     if not args.test and not args.config:
         p.error("--config is required for training")
+    if not args.test and (args.vote != 1 or args.vote_seed or args.results != "results.json"):
+        p.error("--vote, --vote-seed and --results go with --test (model selection never votes)")
+    if args.vote < 1 or args.vote_seed < 0:
+        p.error("--vote must be at least 1 and --vote-seed at least 0")
+    if "/" in args.results or not args.results.endswith(".json"):
+        p.error("--results is a file name ending in .json (it is written next to the checkpoint)")
     if resuming and args.overwrite:
         p.error("--overwrite empties the experiment folder, so there is nothing left to --resume")
     if args.allow_config_change and not resuming:
@@ -57,7 +70,8 @@ def run(args: argparse.Namespace) -> None:
 
     from any2point.config import load_config, validate
     from any2point.engine import checkpoint, distributed
-    from any2point.engine.trainer import Trainer, evaluate_checkpoint
+    from any2point.engine.evaluate import evaluate_checkpoint
+    from any2point.engine.trainer import Trainer
 
     try:
         if args.config:
@@ -66,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
             cfg = OmegaConf.create(checkpoint.load(args.ckpt)["config"])
             validate(cfg)
         if args.test:
-            evaluate_checkpoint(cfg, args.ckpt, ignore_source_mismatch=args.ignore_source_mismatch)
+            evaluate_checkpoint(cfg, args.ckpt, args.vote, args.vote_seed, args.results,
+                                ignore_source_mismatch=args.ignore_source_mismatch)
         else:
             Trainer(cfg, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite,
                     allow_config_change=args.allow_config_change,

@@ -157,10 +157,13 @@ def _read_tree(path: Path, provenance: dict[str, str], stack: tuple[Path, ...] =
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else list(bases)
     merged = OmegaConf.create({})
+    # A mapping with a new `type:` replaces the earlier mapping (of a previous base, or of the bases
+    # under a file) instead of merging into it, so a config that swaps a component does not inherit
+    # the old component's arguments.
     for base in bases:
-        merged = OmegaConf.merge(merged, _read_tree(path.parent / base, provenance, stack + (path,)))
-    # A mapping with a new `type:` replaces the base's mapping instead of merging into it, so a
-    # child config that swaps a component does not inherit the old component's arguments.
+        tree = _read_tree(path.parent / base, provenance, stack + (path,))
+        _drop_retyped(merged, tree)
+        merged = OmegaConf.merge(merged, tree)
     _drop_retyped(merged, data)
     merged = OmegaConf.merge(merged, data)
     for key in _leaves(data):

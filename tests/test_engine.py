@@ -20,7 +20,8 @@ from any2point.engine import checkpoint
 from any2point.engine.distributed import EpochSampler
 from any2point.engine.metrics import Metrics, confusion_matrix
 from any2point.engine.optim import build_optimizer, build_scheduler
-from any2point.engine.trainer import BEST, LAST, Trainer, evaluate_checkpoint
+from any2point.engine.evaluate import evaluate_checkpoint
+from any2point.engine.trainer import BEST, LAST, Trainer
 from any2point.errors import CheckpointError, ExperimentError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ import yaml
 import main as entry
 from any2point.config import load_config
 from any2point.engine import checkpoint
-from any2point.engine.trainer import BEST, LAST, Trainer, check_source, evaluate_checkpoint
+from any2point.engine.evaluate import check_source, evaluate_checkpoint
+from any2point.engine.trainer import BEST, LAST, Trainer
 from any2point.errors import CheckpointError, ExperimentError
 from any2point.registry import ConfigError
 from tests.test_engine import ROOT, tiny_config

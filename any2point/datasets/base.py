@@ -54,7 +54,9 @@ class PointDataset(Dataset):
 
     Args:
         split: one of ``train``, ``val``, ``trainval``, ``test``.
-        transforms: ``{"train": [...], "test": [...]}`` lists of transform configs.
+        transforms: ``{"train": [...], "test": [...]}`` lists of transform configs, and optionally
+            ``"vote": [...]``, the augmentations of test-time voting (default: the ``train`` list;
+            see :mod:`any2point.engine.evaluate`).
         seed: base seed of the per-item augmentation generators.
     """
 
@@ -62,9 +64,10 @@ class PointDataset(Dataset):
 
     def __init__(self, split: str, transforms: Optional[dict] = None, seed: int = 0) -> None:
         transforms = transforms or {}
-        unknown = set(transforms) - {"train", "test"}
+        unknown = set(transforms) - {"train", "test", "vote"}
         if unknown:
-            raise ConfigError(f"dataset.transforms has unknown keys {sorted(unknown)}; use 'train' and 'test'")
+            raise ConfigError(f"dataset.transforms has unknown keys {sorted(unknown)}; use 'train', 'test' "
+                              f"and (for test-time voting) 'vote'")
         self.split = split
         self.seed = seed
         self.epoch = 0

@@ -14,12 +14,16 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 
 @dataclass
 class Metrics:
-    """Overall accuracy (OA), mean class accuracy (mAcc, over classes present) and per-class accuracy."""
+    """Overall accuracy (OA), mean class accuracy (mAcc, over classes present), per-class accuracy
+    and the confusion matrix (row = true class, column = prediction) they come from; with test-time
+    voting, ``pass_oa`` holds the OA of each single pass."""
 
     oa: float
     macc: float
     per_class: list[float] = field(default_factory=list)
     count: int = 0
+    confusion: list[list[int]] = field(default_factory=list)
+    pass_oa: list[float] = field(default_factory=list)
 
     @classmethod
     def from_confusion(cls, cm: torch.Tensor) -> "Metrics":
@@ -31,7 +35,8 @@ class Metrics:
         present = support > 0
         oa = correct.sum().item() / total if total else float("nan")
         macc = per_class[present].mean().item() if present.any() else float("nan")
-        return cls(oa=100.0 * oa, macc=100.0 * macc, per_class=(100.0 * per_class).tolist(), count=int(total))
+        return cls(oa=100.0 * oa, macc=100.0 * macc, per_class=(100.0 * per_class).tolist(), count=int(total),
+                   confusion=cm.long().tolist())
 
     def summary(self) -> str:
         return f"OA {self.oa:.2f}  mAcc {self.macc:.2f}  (n={self.count})"

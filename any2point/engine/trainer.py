@@ -1,4 +1,11 @@
-"""The training loop and its small helpers: seeding, data loaders, one epoch, evaluation, checkpoints.
+"""The training loop: a short :meth:`Trainer.fit` around small hooks.
+
+The loop itself only runs epochs of optimizer steps; what happens around them is a hook, each doing
+one thing: :class:`LRSchedule` steps the learning rate after every optimizer step,
+:class:`Validation` evaluates on the selection split and tracks the best epoch, :class:`Checkpoints`
+writes ``ckpt-last.pth`` and ``ckpt-best.pth``, :class:`EpochLog` writes the log line and the
+TensorBoard scalars. What a batch means (inputs, loss, metrics) comes from the task
+(:mod:`any2point.engine.tasks`), so a new task needs no change here.
 
 Model selection is honest by default: ``train.protocol: honest`` trains on the ``train`` split and
 keeps the epoch with the best OA on ``val`` (held out of the official training set); the test split
@@ -10,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import random
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -26,10 +31,13 @@ from tqdm import tqdm
 from any2point.config import config_changes, read_history, save_config
 from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
+from any2point.engine.evaluate import (RESULTS, autocast, check_source, eval_loader, evaluate, log_test,
+                                       pick_device, results_record, write_results)
 from any2point.engine.experiment import claim
 from any2point.engine.log import ScalarWriter, setup_logging
-from any2point.engine.metrics import Metrics, confusion_matrix
+from any2point.engine.metrics import Metrics
 from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
+from any2point.engine.tasks import build_task
 from any2point.errors import CheckpointError, ExperimentError
 from any2point.models import build_model
 from any2point.registry import ConfigError
@@ -38,28 +46,6 @@ from any2point.utils.cpu_memory import keep_freed_memory
 logger = logging.getLogger("any2point")
 
 LAST, BEST = "ckpt-last.pth", "ckpt-best.pth"
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU; a device this machine
-    does not have is a :class:`ConfigError`."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device='{name}' is not a device name (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name} but CUDA is not available on this machine; "
-                              f"use train.device=cpu or train.device=auto")
-        if device.index is None:
-            device = torch.device("cuda", distributed.local_rank())
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ConfigError(f"train.device={name}: only auto, cpu and cuda devices are supported")
-    return device
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -94,23 +80,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_loader(dataset: PointDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                device: torch.device) -> DataLoader:
-    """A loader over this rank's share; training batches drop the last incomplete batch."""
-    sampler = distributed.EpochSampler(len(dataset), shuffle, seed, distributed.rank(), distributed.world_size())
-    if shuffle and len(sampler) < batch_size:
+def train_loader(dataset: PointDataset, batch_size: int, seed: int, num_workers: int,
+                 device: torch.device) -> DataLoader:
+    """This rank's shuffled share of the training split, reproducible from ``(seed, epoch)``; the last
+    incomplete batch is dropped."""
+    sampler = distributed.EpochSampler(len(dataset), True, seed, distributed.rank(), distributed.world_size())
+    if len(sampler) < batch_size:
         raise ConfigError(f"the {dataset.split} split has {len(dataset)} samples, fewer than one batch of "
                           f"{batch_size * distributed.world_size()}; lower train.batch_size")
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       num_workers=num_workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed))
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; full precision on CPU (no fast bf16 there)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def parameter_summary(model: nn.Module) -> dict[str, int]:
@@ -118,21 +98,6 @@ def parameter_summary(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device, amp: bool,
-             desc: str = "eval") -> Metrics:
-    """OA / mAcc / per-class accuracy over the whole split (all ranks' shares all-reduced)."""
-    model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if distributed.is_main() else True):
-        points = batch["points"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(points)
-        cm += confusion_matrix(logits.argmax(-1), labels, num_classes)
-    return Metrics.from_confusion(distributed.all_reduce_sum(cm).cpu())
 
 
 class Trainer:
@@ -189,14 +154,15 @@ class Trainer:
                               f"by the number of processes ({world})")
         seed = cfg.experiment.seed
         self.train_set = build_dataset(cfg.dataset, train_split)
+        self.task = build_task(self.train_set, t.label_smoothing)
         self.num_classes = self.train_set.num_classes
         self._check_num_classes()
-        self.train_loader = make_loader(self.train_set, t.batch_size // world, True, seed, t.num_workers, self.device)
+        self.train_loader = train_loader(self.train_set, t.batch_size // world, seed, t.num_workers, self.device)
         eval_bs = max(1, (t.test_batch_size or t.batch_size) // world)
-        self.select_loader = make_loader(build_dataset(cfg.dataset, self.select_split), eval_bs, False, seed,
-                                         t.num_workers, self.device)
-        self.test_loader = self.select_loader if self.select_split == "test" else make_loader(
-            build_dataset(cfg.dataset, "test"), eval_bs, False, seed, t.num_workers, self.device)
+        self.select_loader = eval_loader(build_dataset(cfg.dataset, self.select_split), eval_bs, t.num_workers,
+                                         self.device)
+        self.test_loader = self.select_loader if self.select_split == "test" else eval_loader(
+            build_dataset(cfg.dataset, "test"), eval_bs, t.num_workers, self.device)
 
         self.net: nn.Module = self.model
         if world > 1:
@@ -207,6 +173,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, t.epochs, len(self.train_loader))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.start_epoch, self.best_oa, self.best_epoch = 0, -1.0, -1
+        self.hooks = [LRSchedule(), Validation(), Checkpoints(), EpochLog()]
         if resumed is not None:
             self._resume(*resumed)
         if distributed.is_main():
@@ -244,7 +211,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_oa": self.best_oa,
                 "best_epoch": self.best_epoch, "protocol": self.protocol, "rng": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
-                "source": source() if source else None}
+                "source": source() if source else None, "task": self.task.name,
+                "class_names": self.task.class_names}
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         if distributed.is_main():
@@ -299,131 +267,132 @@ class Trainer:
                     self.cfg.train.epochs, self.select_split, self.best_oa, self.best_epoch + 1)
 
     # ----------------------------------------------------------------------------------- loop
+    def call(self, event: str) -> None:
+        """Run every hook's handler of ``event`` in order."""
+        for hook in self.hooks:
+            getattr(hook, event)(self)
+
+    def fit(self, stop_after: Optional[int] = None) -> Optional[Metrics]:
+        """Train to ``train.epochs`` and return the test metrics of the best epoch. ``stop_after`` ends
+        this call after that many epochs (e.g. to fit a job's time limit; ``--resume`` continues) and
+        returns ``None`` if training is not finished. The experiment folder is released at the end."""
+        try:
+            epochs = self.cfg.train.epochs
+            end = epochs if stop_after is None else min(epochs, self.start_epoch + stop_after)
+            for self.epoch in range(self.start_epoch, end):
+                self.stats: dict[str, Any] = {"train": self.train_epoch(self.epoch)}
+                self.call("after_epoch")
+            return self.final_test() if end == epochs else None
+        finally:
+            self.close()
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch of optimizer steps; returns the mean loss, the accuracy and the last LR."""
         t = self.cfg.train
         self.net.train()
         self.train_set.set_epoch(epoch)
         self.train_loader.sampler.set_epoch(epoch)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        meter = self.task.meter(self.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                    disable=None if distributed.is_main() else True)
         for batch in bar:
-            points = batch["points"].to(self.device, non_blocking=True)
-            labels = batch["label"].to(self.device, non_blocking=True)
             with autocast(self.device, t.amp):
-                logits = self.net(points)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
+                outputs = self.task.forward(self.net, batch, self.device)
+            loss = self.task.loss(outputs, batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
             self.optimizer.step()
-            self.scheduler.step()
-            n = labels.numel()
-            totals += torch.tensor([loss.item() * n, (logits.argmax(-1) == labels).sum().item(), n],
-                                   dtype=torch.float64, device=self.device)
+            self.call("after_step")
+            meter.add(outputs.detach(), batch)
+            totals += torch.tensor([loss.item() * len(outputs), len(outputs)], dtype=torch.float64,
+                                   device=self.device)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        loss_sum, correct, count = distributed.all_reduce_sum(totals).tolist()
-        return {"loss": loss_sum / count, "acc": 100.0 * correct / count,
+        loss_sum, count = distributed.all_reduce_sum(totals).tolist()
+        return {"loss": loss_sum / count, "acc": self.task.score(meter.compute()),
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def fit(self, stop_after: Optional[int] = None) -> Optional[Metrics]:
-        """Train to ``train.epochs``, checkpointing every epoch; return the test metrics of the best
-        epoch. ``stop_after`` ends this call after that many epochs (e.g. to fit a job's time limit;
-        ``--resume`` continues) and returns ``None`` if training is not finished."""
-        try:
-            return self._fit(stop_after)
-        finally:
-            self.close()
-
-    def _fit(self, stop_after: Optional[int]) -> Optional[Metrics]:
-        t = self.cfg.train
-        end = t.epochs if stop_after is None else min(t.epochs, self.start_epoch + stop_after)
-        for epoch in range(self.start_epoch, end):
-            stats = self.train_epoch(epoch)
-            step = epoch + 1
-            for key, value in stats.items():
-                self.writer.add(f"train/{key}", value, step)
-            line = f"epoch {step}/{t.epochs}  loss {stats['loss']:.4f}  acc {stats['acc']:.2f}  lr {stats['lr']:.2e}"
-            if step % t.eval_every == 0 or step == t.epochs:
-                m = evaluate(self.net, self.select_loader, self.num_classes, self.device, t.amp, self.select_split)
-                self.writer.add(f"{self.select_split}/OA", m.oa, step)
-                self.writer.add(f"{self.select_split}/mAcc", m.macc, step)
-                improved = m.oa > self.best_oa
-                if improved:
-                    self.best_oa, self.best_epoch = m.oa, epoch
-                line += (f"  | {self.select_split} OA {m.oa:.2f} mAcc {m.macc:.2f}  (best {self.best_oa:.2f} "
-                         f"@ epoch {self.best_epoch + 1}, protocol {self.protocol})")
-                state = self.state(epoch)
-                if improved:
-                    self.save(BEST, state)
-            else:
-                state = self.state(epoch)
-            self.save(LAST, state)
-            logger.info(line)
-        if end < t.epochs:
-            return None
-        return self.final_test()
-
     def final_test(self) -> Metrics:
-        """Evaluate the best checkpoint on the test split and log it with its protocol."""
+        """Evaluate the best checkpoint on the test split once; log it with its protocol and write
+        ``results.json``."""
         distributed.barrier()
         best = self.exp_dir / BEST
         if best.is_file():
             checkpoint.load_trainable_state_dict(self.model, checkpoint.load(best)["model"], str(best))
-        m = evaluate(self.net, self.test_loader, self.num_classes, self.device, self.cfg.train.amp, "test")
+        m = evaluate(self.net, self.test_loader, self.task, self.device, self.cfg.train.amp, "test")
         how = ("best epoch selected on the validation split held out of train" if self.protocol == "honest"
                else "best epoch selected on the test split itself (paper protocol; optimistic)")
-        logger.info("test %s  [epoch %d; protocol %s: %s]", m.summary(), self.best_epoch + 1, self.protocol, how)
-        self.writer.add("test/OA", m.oa, self.best_epoch + 1)
-        self.writer.add("test/mAcc", m.macc, self.best_epoch + 1)
-        logger.info("checkpoints: %s, %s", self.exp_dir / LAST, best)
+        log_test(m, self.task.class_names, 1, f"epoch {self.best_epoch + 1}; protocol {self.protocol}: {how}")
+        for name, value in self.task.scalars(m).items():
+            self.writer.add(f"test/{name}", value, self.best_epoch + 1)
+        source = getattr(self.model, "source_identity", None)
+        record = results_record(m, self.cfg, self.task.class_names, split="test", protocol=self.protocol,
+                                voting={"passes": 1}, checkpoint=str(best), epoch=self.best_epoch + 1,
+                                source=source() if source else None, task=self.task.name)
+        logger.info("results: %s; checkpoints: %s, %s", write_results(record, self.exp_dir / RESULTS),
+                    self.exp_dir / LAST, best)
         return m
 
 
-def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, ignore_source_mismatch: bool = False) -> Metrics:
-    """Evaluate a checkpoint on the test split of ``cfg``'s dataset; log per-class accuracy."""
-    device = pick_device(cfg.train.device)
-    distributed.init(device)
-    setup_logging()
-    ckpt = checkpoint.load(ckpt_path)
-    model = build_model(cfg.model).to(device)
-    check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
-    checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))
-    dataset = build_dataset(cfg.dataset, "test")
-    world = distributed.world_size()
-    loader = make_loader(dataset, max(1, (cfg.train.test_batch_size or cfg.train.batch_size) // world), False,
-                         cfg.experiment.seed, cfg.train.num_workers, device)
-    m = evaluate(model, loader, dataset.num_classes, device, cfg.train.amp, "test")
-    logger.info("test %s  [checkpoint %s, epoch %s, protocol %s]", m.summary(), ckpt_path,
-                ckpt.get("epoch", -1) + 1, ckpt.get("protocol"))
-    names = dataset.class_names
-    for name, acc in zip(names, m.per_class):
-        logger.info("  %-16s %6.2f", name, acc)
-    return m
+class Hook:
+    """A piece of work around the loop; the trainer calls each handler at its moment."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """After each optimizer step."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        """After each epoch; ``trainer.stats`` holds what earlier hooks of the epoch computed."""
 
 
-def _describe_source(identity: dict[str, Any]) -> str:
-    if not identity.get("sha256"):
-        return f"{identity.get('name')} at random init (no weight file)"
-    return f"{identity.get('name')} from {identity.get('weights')} (sha256 {identity['sha256']})"
+class LRSchedule(Hook):
+    """The schedule is per iteration: step it after every optimizer step."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        trainer.scheduler.step()
 
 
-def check_source(saved: Optional[dict[str, Any]], model: nn.Module, ckpt_path: str | Path,
-                 ignore: bool = False) -> None:
-    """Refuse a checkpoint whose source (name and weight-file sha256) differs from the model's, both
-    ways: real weights vs random init, or another file. ``ignore`` turns the error into a warning."""
-    identity = getattr(model, "source_identity", None)
-    if saved is None or identity is None:
-        return  # a model without a pretrained source (e.g. PointNet)
-    now = identity()
-    if (saved.get("name"), saved.get("sha256")) == (now.get("name"), now.get("sha256")):
-        return
-    message = (f"checkpoint {ckpt_path} was trained with source {_describe_source(saved)}, but the config builds "
-               f"{_describe_source(now)}")
-    if ignore:
-        logger.warning("%s; continuing anyway (--ignore-source-mismatch)", message)
-        return
-    hint = (f"set model.source.pretrained to {saved.get('weights')}" if saved.get("sha256")
-            else "set model.source.pretrained=null")
-    raise CheckpointError(f"{message}; {hint}, or pass --ignore-source-mismatch")
+class Validation(Hook):
+    """Every ``train.eval_every`` epochs (and after the last), the task's metrics on the selection
+    split (never voted); tracks the best epoch by the task's score."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        step, epochs = trainer.epoch + 1, trainer.cfg.train.epochs
+        if step % trainer.cfg.train.eval_every and step != epochs:
+            return
+        m = evaluate(trainer.net, trainer.select_loader, trainer.task, trainer.device, trainer.cfg.train.amp,
+                     trainer.select_split)
+        improved = trainer.task.score(m) > trainer.best_oa
+        if improved:
+            trainer.best_oa, trainer.best_epoch = trainer.task.score(m), trainer.epoch
+        trainer.stats.update(select=m, improved=improved)
+
+
+class Checkpoints(Hook):
+    """``ckpt-last.pth`` after every epoch; ``ckpt-best.pth`` when the selection score improved."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        state = trainer.state(trainer.epoch)
+        if trainer.stats.get("improved"):
+            trainer.save(BEST, state)
+        trainer.save(LAST, state)
+
+
+class EpochLog(Hook):
+    """The epoch's log line and TensorBoard scalars."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        step, train = trainer.epoch + 1, trainer.stats["train"]
+        for key, value in train.items():
+            trainer.writer.add(f"train/{key}", value, step)
+        line = (f"epoch {step}/{trainer.cfg.train.epochs}  loss {train['loss']:.4f}  acc {train['acc']:.2f}  "
+                f"lr {train['lr']:.2e}")
+        m = trainer.stats.get("select")
+        if m is not None:
+            split, scalars = trainer.select_split, trainer.task.scalars(m)
+            for name, value in scalars.items():
+                trainer.writer.add(f"{split}/{name}", value, step)
+            line += (f"  | {split} " + " ".join(f"{name} {value:.2f}" for name, value in scalars.items())
+                     + f"  (best {trainer.best_oa:.2f} @ epoch {trainer.best_epoch + 1}, protocol {trainer.protocol})")
+        logger.info(line)

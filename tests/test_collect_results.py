@@ -1,0 +1,86 @@
+"""tools/collect_results.py: grouping, mean +- std over seeds, references, CSV, errors."""
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+
+from any2point.engine.evaluate import results_record, write_results
+from any2point.engine.metrics import Metrics
+from tools.collect_results import main as collect
+
+RUNS = {  # experiment name -> (source type, seed, OA, mAcc)
+    "son_clip_seed0": ("CLIPTextSource", 0, 90.0, 88.0),
+    "son_clip_seed1": ("CLIPTextSource", 1, 91.0, 89.5),
+    "son_clip_seed2": ("CLIPTextSource", 2, 92.5, 90.0),
+    "son_dino_seed0": ("DINOv2Source", 0, 86.0, 84.0),
+    "son_dino_seed1": ("DINOv2Source", 1, 87.0, 85.0),
+}
+
+
+def write_runs(root: Path) -> None:
+    for name, (source, seed, oa, macc) in RUNS.items():
+        config = {"model": {"type": "Any2Point", "source": {"type": source}},
+                  "experiment": {"name": name, "seed": seed}}
+        record = results_record(Metrics(oa=oa, macc=macc, per_class=[oa], count=100), config, ["a"],
+                                split="test", protocol="honest", voting={"passes": 1, "seed": 0})
+        write_results(record, root / name / "results.json")
+
+
+def test_mean_std_per_group_with_reference(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_runs(tmp_path)
+    assert collect([str(tmp_path), "--ref", "son_clip=91.9", "--csv", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    clip = f"{statistics.fmean([90, 91, 92.5]):.2f} ± {statistics.stdev([90, 91, 92.5]):.2f}"
+    assert f"| son_clip | 3 | 0 1 2 | {clip} |" in out
+    assert f"| son_dino | 2 | 0 1 | 86.50 ± {statistics.stdev([86, 87]):.2f} |" in out
+    assert "| 91.90 | -0.73 |" in out and out.count("\n") == 4
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [r["group"] for r in rows] == ["son_clip", "son_dino"]
+    assert float(rows[0]["OA_std"]) == pytest.approx(statistics.stdev([90, 91, 92.5]), abs=1e-4)
+    assert rows[0]["configs"] == "1"  # the seeds' configs differ only in the experiment section
+
+
+def test_group_by_config_key_and_single_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_runs(tmp_path)
+    assert collect([str(tmp_path / "son_dino_seed0"), str(tmp_path / "son_clip_seed1"),
+                    "--group-by", "model.source.type"]) == 0
+    out = capsys.readouterr().out
+    assert "| DINOv2Source | 1 | 0 | 86.00 | 84.00 | 1 | 1 |" in out
+    assert "| CLIPTextSource | 1 | 1 | 91.00 | 89.50 | 1 | 1 |" in out
+
+
+def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_runs(tmp_path)
+    assert collect([str(tmp_path / "nothere")]) == 2
+    assert "nothere" in capsys.readouterr().err
+    assert collect([str(tmp_path), "--group-by", "model.nokey"]) == 2
+    assert "has no key 'model.nokey'" in capsys.readouterr().err
+    (tmp_path / "son_clip_seed0" / "results.json").write_text("{not json")
+    assert collect([str(tmp_path)]) == 2
+    assert "not a readable results file" in capsys.readouterr().err
+    assert collect([str(tmp_path / "son_dino_seed0"), "--ref", "oops"]) == 2
+    assert "GROUP=NUMBER" in capsys.readouterr().err
+
+
+def test_three_seeds_of_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture, one_thread) -> None:
+    import json
+
+    import yaml
+
+    from any2point.config import load_config
+    from any2point.engine.trainer import Trainer
+    from tests.conftest import TINY_RUN
+
+    for seed in range(3):
+        cfg = {**TINY_RUN, "train": {**TINY_RUN["train"], "epochs": 2},
+               "experiment": {"name": f"tiny_seed{seed}", "output_dir": str(tmp_path), "seed": seed}}
+        (tmp_path / f"s{seed}.yaml").write_text(yaml.safe_dump(cfg))
+        Trainer(load_config(tmp_path / f"s{seed}.yaml")).fit()
+    capsys.readouterr()
+    assert collect([str(tmp_path / f"tiny_seed{s}") for s in range(3)]) == 0
+    oas = [json.loads((tmp_path / f"tiny_seed{s}" / "results.json").read_text())["metrics"]["OA"] for s in range(3)]
+    row = f"| tiny | 3 | 0 1 2 | {statistics.fmean(oas):.2f} ± {statistics.stdev(oas):.2f} |"
+    assert row in capsys.readouterr().out

@@ -1,0 +1,201 @@
+"""Turn many runs' results into one table: mean +- std over seeds, and the number of runs.
+
+    python tools/collect_results.py experiments/scanobjectnn_* [--group-by model.source.type]
+        [--ref scanobjectnn_clip_text=91.9 ...] [--csv table.csv] [--markdown table.md]
+
+Each EXPERIMENT is an experiment folder holding a results file (``results.json``, or ``--file``),
+a results file itself, or a folder searched recursively for results files. Runs are grouped by
+their experiment name without a trailing ``_seed<N>`` (``-seed<N>``, ``.seed<N>``), or by
+``--group-by`` keys (comma-separated; each a field of the results record such as ``voting.passes``
+or ``protocol``, or a dotted config key such as ``model.source.type``). The table gives, per group,
+the runs, their seeds, OA and mAcc as mean +- sample standard deviation, the voting passes, and the
+number of distinct configurations pooled (ignoring the experiment section); ``--ref GROUP=VALUE``
+adds a reference OA (e.g. the paper's) and the difference to it. Prints markdown; writes CSV and
+markdown files on request.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from any2point.errors import UserError, run_cli
+
+SEED_SUFFIX = re.compile(r"[-_.]seed\d+$")
+MISSING = object()
+
+
+def find_results(paths: Sequence[str], name: str) -> list[Path]:
+    """The results files named by ``paths`` (files, experiment folders, or folders above them)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif (path / name).is_file():
+            found.append(path / name)
+        elif path.is_dir():
+            hits = sorted(path.rglob(name))
+            if not hits:
+                raise FileNotFoundError(f"{path}: no {name} in it or below it (has the run been tested?)")
+            found += hits
+        else:
+            raise FileNotFoundError(f"no such results file or experiment folder: {path}")
+    return list(dict.fromkeys(found))
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable results file ({e})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+        raise UserError(f"{path}: not a results file (no 'metrics' mapping)")
+    record["_path"] = str(path)
+    return record
+
+
+def lookup(record: dict[str, Any], key: str) -> Any:
+    """A dotted key of the record, else of its config; ``MISSING`` if neither has it."""
+    for tree in (record, record.get("config") or {}):
+        node: Any = tree
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                node = MISSING
+                break
+            node = node[part]
+        if node is not MISSING:
+            return node
+    return MISSING
+
+
+def group_label(record: dict[str, Any], keys: Sequence[str]) -> str:
+    if not keys:
+        name = record.get("experiment") or Path(record["_path"]).parent.name
+        return SEED_SUFFIX.sub("", name)
+    parts = []
+    for key in keys:
+        value = lookup(record, key)
+        if value is MISSING:
+            raise UserError(f"{record['_path']}: has no key '{key}' (in the record or its config)")
+        parts.append(f"{key}={value}" if len(keys) > 1 else str(value))
+    return ", ".join(parts)
+
+
+def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(mean: float, std: Optional[float]) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def summarize(records: list[dict[str, Any]], keys: Sequence[str],
+              references: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per group, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(group_label(r, keys), []).append(r)
+    rows = []
+    for label, runs in groups.items():
+        seeds = [r.get("seed") for r in runs]
+        if len(set(seeds)) < len(seeds):
+            print(f"warning: group '{label}' holds several runs with the same seed: "
+                  f"{', '.join(r['_path'] for r in runs)}", file=sys.stderr)
+        row: dict[str, Any] = {"group": label, "runs": len(runs), "seeds": " ".join(str(s) for s in sorted(
+            seeds, key=str)), "configs": len({r.get("group_hash") for r in runs}),
+            "voting": " ".join(sorted({str((r.get("voting") or {}).get("passes", 1)) for r in runs}))}
+        for metric in ("OA", "mAcc"):
+            values = [float(r["metrics"][metric]) if r["metrics"].get(metric) is not None else math.nan
+                      for r in runs]
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+        ref = references.get(label)
+        row["reference"] = ref
+        row["delta"] = row["OA_mean"] - ref if ref is not None else None
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], with_reference: bool) -> str:
+    head = ["group", "runs", "seeds", "OA", "mAcc", "voting", "configs"]
+    if with_reference:
+        head += ["reference OA", "Δ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for r in rows:
+        cells = [r["group"], str(r["runs"]), r["seeds"], fmt(r["OA_mean"], r["OA_std"]),
+                 fmt(r["mAcc_mean"], r["mAcc_std"]), r["voting"], str(r["configs"])]
+        if with_reference:
+            cells += ["-" if r["reference"] is None else f"{r['reference']:.2f}",
+                      "-" if r["delta"] is None else f"{r['delta']:+.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields = ["group", "runs", "seeds", "OA_mean", "OA_std", "mAcc_mean", "mAcc_std", "voting", "configs",
+              "reference", "delta"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r[k] is None else round(r[k], 4) if isinstance(r[k], float) else r[k])
+                             for k in fields})
+
+
+def parse_references(items: Sequence[str]) -> dict[str, float]:
+    refs = {}
+    for item in items:
+        group, sep, value = item.rpartition("=")
+        try:
+            refs[group] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not group:
+            raise UserError(f"--ref '{item}' is not of the form GROUP=NUMBER")
+    return refs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiments", nargs="+", help="experiment folders, results files, or folders above them")
+    parser.add_argument("--group-by", default="", help="comma-separated record or config keys (default: the "
+                                                       "experiment name without its _seed<N> suffix)")
+    parser.add_argument("--file", default="results.json", help="results file name in each experiment folder")
+    parser.add_argument("--ref", action="append", default=[], metavar="GROUP=OA", help="a reference OA of a group")
+    parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
+    parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: collect(args), debug=args.debug)
+
+
+def collect(args: argparse.Namespace) -> None:
+    """Read, group, print and write the table."""
+    refs = parse_references(args.ref)
+    records = [load_record(p) for p in find_results(args.experiments, args.file)]
+    keys = [k.strip() for k in args.group_by.split(",") if k.strip()]
+    rows = summarize(records, keys, refs)
+    unknown = sorted(set(refs) - {r["group"] for r in rows})
+    if unknown:
+        print(f"warning: --ref names groups with no runs: {', '.join(unknown)}", file=sys.stderr)
+    table = markdown(rows, bool(refs))
+    print(table, end="")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    if args.csv:
+        write_csv(rows, args.csv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
