@@ -12,19 +12,10 @@
 #   PYTHON  the interpreter (default python)
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="${OUT:-experiments/official}"
-PYTHON="${PYTHON:-python}"
-
-# Print a command (shell-quoted), or run it from the repository root.
-run() {
-  if [[ $DRY_RUN == 1 ]]; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
-  else
-    (cd "$ROOT" && "$@")
-  fi
-}
+OFFICIAL_OUT="${OUT:-experiments/official}"
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"   # ROOT, PYTHON and run()
+OUT="$OFFICIAL_OUT"
 
 # A path given relative to the caller's folder, made absolute (the commands run from the repository root).
 absolute() {
