@@ -66,9 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     """Load the config (validated before anything is built or written), then train or evaluate."""
-    from omegaconf import OmegaConf
-
-    from any2point.config import load_config, validate
+    from any2point.config import config_from_dict, load_config
     from any2point.engine import checkpoint, distributed
     from any2point.engine.evaluate import evaluate_checkpoint
     from any2point.engine.trainer import Trainer
@@ -77,8 +75,7 @@ def run(args: argparse.Namespace) -> None:
         if args.config:
             cfg = load_config(args.config, args.overrides)
         else:
-            cfg = OmegaConf.create(checkpoint.load(args.ckpt)["config"])
-            validate(cfg)
+            cfg = config_from_dict(checkpoint.load(args.ckpt)["config"], args.overrides)
         if args.test:
             evaluate_checkpoint(cfg, args.ckpt, args.vote, args.vote_seed, args.results,
                                 ignore_source_mismatch=args.ignore_source_mismatch)

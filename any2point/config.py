@@ -295,6 +295,17 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> DictConfig:
+    """A config stored as plain data (a checkpoint's), with ``overrides`` applied, validated."""
+    provenance: dict[str, str] = {}
+    cfg = OmegaConf.create(data)
+    cfg._metadata.provenance = provenance
+    for item in overrides:
+        _apply_override(cfg, item, provenance)
+    validate(cfg)
+    return cfg
+
+
 def _drop_retyped_defaults(cfg: DictConfig, tree: dict) -> None:
     """A file's ``optimizer``/``scheduler`` of another ``type`` replaces the default one whole."""
     defaults = Config()

@@ -113,3 +113,14 @@ def test_main_test_votes_and_writes_results(tiny_run, capsys) -> None:
     with pytest.raises(SystemExit):
         entry.main(["--config", "cfgs/demo.yaml", "--vote", "3"])
     assert "model selection never votes" in capsys.readouterr().err
+
+
+def test_main_test_applies_overrides_to_the_checkpoints_config(tiny_run, capsys) -> None:
+    """Without --config, overrides apply to the checkpoint's own config (they were ignored)."""
+    import main as entry
+
+    ckpt = str(tiny_run / "ckpt-best.pth")
+    assert entry.main(["--test", "--ckpt", ckpt, "train.batch_size=0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert entry.main(["--test", "--ckpt", ckpt, "train.no_such_key=1"]) == 2
+    assert "train.no_such_key" in capsys.readouterr().err

@@ -201,10 +201,15 @@ def test_tensorboard_steps_do_not_repeat_after_resume(tmp_path: Path) -> None:
 
     cfg_path = tiny_config(tmp_path, "tb")
     exp = tmp_path / "exp/tb"
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<writer counter>. Real
+    # resumes are new processes seconds apart; in one test process the counter can pass 9 -> 10
+    # within a second and sort out of order, so the runs here start in different seconds.
     Trainer(load_config(cfg_path)).fit(stop_after=1)
     after_one = (exp / LAST).read_bytes()
+    time.sleep(1.1)
     Trainer(load_config(cfg_path), resume=True).fit(stop_after=1)
     (exp / LAST).write_bytes(after_one)  # epoch 2 logged, then killed before its checkpoint
+    time.sleep(1.1)
     Trainer(load_config(cfg_path), resume=True).fit()
     events = EventAccumulator(str(exp / "tb"))
     events.Reload()
