@@ -4,6 +4,16 @@ from pathlib import Path
 import pytest
 import torch
 
+#: The three paper sources at tiny sizes, as ``model.source`` mappings (random init).
+TINY_SOURCES = {
+    "clip_text": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
+    "dinov2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2,
+                   num_heads=4),
+    # a 3 x 5 grid on a 48 x 80 px plane: not square, so a transposed reading shows
+    "imagebind_audio": dict(type="ImageBindAudioSource", embed_dim=64, depth=2, num_heads=4,
+                            num_mel_bins=36, target_len=56),
+}
+
 #: A tiny PointNet that learns SyntheticShapes' sphere / box / torus in a few seconds (100% test OA).
 TINY_RUN = {
     "model": {"type": "PointNet", "num_classes": 3, "widths": [32, 64], "head_width": 32, "dropout": 0.0,

@@ -16,15 +16,9 @@ from any2point import build_model, load_config
 from any2point.registry import ConfigError
 from tools.count_params import count_params
 from tools.count_params import main as count_params_main
+from tests.conftest import TINY_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SOURCES = {
-    "clip_text": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
-    "dinov2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2,
-                   num_heads=4),
-    "imagebind_audio": dict(type="ImageBindAudioSource", embed_dim=64, depth=2, num_heads=4,
-                            num_mel_bins=36, target_len=56),
-}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,14 +20,13 @@ from main import main as main_entry
 from any2point.official import RUNS, compare_frozen, convert_state, model_keys, read_released, swap_halves
 from tools.convert_ckpt import RUN_NAMES
 from tools.convert_ckpt import main as convert_main
+from tests.conftest import TINY_SOURCES as BASE_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SOURCES = {
-    "clip_text": dict(type="CLIPTextSource", width=64, depth=2, heads=4, official_seq_first_bug=True),
-    "dinov2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2,
-                   num_heads=4),
-    "imagebind_audio": dict(type="ImageBindAudioSource", embed_dim=64, depth=2, num_heads=4, num_mel_bins=36,
-                            target_len=56, official_plain_qkv=True),
+TINY_SOURCES = {  # the tiny paper sources with the released code's attention
+    **BASE_SOURCES,
+    "clip_text": {**BASE_SOURCES["clip_text"], "official_seq_first_bug": True},
+    "imagebind_audio": {**BASE_SOURCES["imagebind_audio"], "official_plain_qkv": True},
 }
 # The released layouts: ScanObjectNN runs (openpoints) and ModelNet40 runs (Point-MAE, DataParallel).
 ENCODER = {"openpoints": "encoder.", "pointmae": "module."}

@@ -23,16 +23,9 @@ from any2point.models.projection import (VirtualProjection, official_grid_view, 
                                          pointclip_view_rotations, sample_table_1d_official, sample_table_2d,
                                          scramble_2d)
 from any2point.models.tokenizer import PointPNStage, PointPNTokenizer
+from tests.conftest import TINY_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SOURCES = {
-    "clip_text": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
-    "dinov2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2,
-                   num_heads=4),
-    # a 3 x 5 grid on a 48 x 80 px plane: not square, so a transposed reading shows
-    "imagebind_audio": dict(type="ImageBindAudioSource", embed_dim=64, depth=2, num_heads=4,
-                            num_mel_bins=36, target_len=56),
-}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
