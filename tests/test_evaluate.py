@@ -44,12 +44,12 @@ def test_voting_averages_logits_of_augmented_passes() -> None:
                 logits[v, i] = net(base[i]["points"][None])[0].numpy()
     labels = base.labels()
     assert m.oa == pytest.approx(100 * np.mean(logits.mean(0).argmax(-1) == labels))
-    assert m.pass_oa == pytest.approx([100 * np.mean(p.argmax(-1) == labels) for p in logits])
+    assert m.pass_scores == pytest.approx([100 * np.mean(p.argmax(-1) == labels) for p in logits])
     assert m.count == len(base) and np.array(m.confusion).sum() == len(base)
     # the passes differ (augmented), and the same seed reproduces the number
     assert not np.allclose(logits[0], logits[1])
     again = evaluate(net, eval_loader(voting_dataset(DATA, "test", 3, 5), 24, 0, CPU), task, CPU, amp=False)
-    assert again.oa == m.oa and again.pass_oa == m.pass_oa
+    assert again.oa == m.oa and again.pass_scores == m.pass_scores
 
 
 def test_vote_transforms_replace_training_transforms() -> None:
@@ -68,7 +68,7 @@ def test_single_pass_equals_plain_evaluation() -> None:
     plain = evaluate(net, eval_loader(test, 8, 0, CPU), task, CPU, amp=False)
     no_aug = {**DATA, "transforms": {"vote": []}}
     one = evaluate(net, eval_loader(voting_dataset(no_aug, "test", 1, 0), 8, 0, CPU), task, CPU, amp=False)
-    assert one.oa == plain.oa and one.per_class == plain.per_class and plain.pass_oa == []
+    assert one.oa == plain.oa and one.per_class == plain.per_class and plain.pass_scores == []
 
 
 def test_voting_arguments_checked() -> None:

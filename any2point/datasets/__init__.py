@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from any2point.datasets.base import SPLITS, Compose, PointDataset, build_transforms, holdout_indices
+from any2point.datasets.base import SPLITS, Compose, PartDataset, PointDataset, build_transforms, holdout_indices
 from any2point.registry import DATASETS, build_from_cfg
 from any2point.utils.imports import import_submodules
 
@@ -15,4 +15,4 @@ def build_dataset(cfg: Any, split: str) -> PointDataset:
     return build_from_cfg(cfg, DATASETS, split=split)
 
 
-__all__ = ["SPLITS", "Compose", "PointDataset", "build_dataset", "build_transforms", "holdout_indices"]
+__all__ = ["SPLITS", "Compose", "PartDataset", "PointDataset", "build_dataset", "build_transforms", "holdout_indices"]

@@ -1,6 +1,7 @@
 """The dataset contract shared by every point-cloud dataset.
 
-An item is ``dict(points=FloatTensor (N, 3), label=int)``. Datasets expose the splits
+An item is ``dict(points=FloatTensor (N, 3), label=int)``; a part-segmentation dataset
+(:class:`PartDataset`) adds ``parts=LongTensor (N,)``, the part of each point. Datasets expose the splits
 ``train`` / ``val`` / ``test`` and ``trainval`` (= train + val, the whole official training set):
 ``val`` is held out from the training set so model selection never sees the test split.
 
@@ -95,6 +96,30 @@ class PointDataset(Dataset):
         points = self.transform(points, rng)
         return {"points": torch.from_numpy(np.ascontiguousarray(points[:, :3], dtype=np.float32)),
                 "label": int(label)}
+
+
+class PartDataset(PointDataset):
+    """Base class of part-segmentation datasets: ``label`` is the shape's category, ``parts`` the
+    part of each point, in ``[0, num_parts)`` and among its category's ``category_parts``.
+
+    :meth:`get_raw` returns ``(points (N, C), category)`` whose last column is the part of each point
+    (so the transforms, which carry extra columns and resample rows, keep points and parts
+    together); the item's ``points`` are its first three columns.
+    """
+
+    category_parts: list[list[int]] = []
+    part_names: list[str] = []
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.part_names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        points, label = self.get_raw(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        points = self.transform(points, rng)
+        return {"points": torch.from_numpy(np.ascontiguousarray(points[:, :3], dtype=np.float32)),
+                "label": int(label), "parts": torch.from_numpy(points[:, -1].astype(np.int64))}
 
 
 def holdout_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,9 @@ dataset's stream of epoch :func:`vote_epoch` ``(s, v)``, so a voted number is re
 seed, whatever the number of loader workers or processes. Voting is for reporting a test number
 only; model selection never votes.
 
-Each test writes a JSON record (:func:`results_record`) with the metrics, per-class accuracy, the
-confusion matrix, protocol, voting, seed, config hash, source identity, time and git commit, so a
+Each test writes a JSON record (:func:`results_record`) with the task's metrics (classification:
+OA, mAcc, per-class accuracy and the confusion matrix; part segmentation: instance and class mIoU,
+point accuracy, per-category mIoU and shape counts), protocol, voting, seed, config hash, source identity, time and git commit, so a
 number in a table can be traced to the run that produced it.
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ import datetime
 import hashlib
 import json
 import logging
-import math
 import subprocess
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,8 +35,8 @@ from any2point.config import validate
 from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
 from any2point.engine.log import setup_logging
-from any2point.engine.metrics import Metrics
-from any2point.engine.tasks import ClassificationTask, build_task
+from any2point.engine.metrics import Metrics, SegmentationMetrics, json_number
+from any2point.engine.tasks import Task, build_task
 from any2point.errors import CheckpointError
 from any2point.models import build_model
 from any2point.registry import ConfigError
@@ -131,12 +131,12 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, task: ClassificationTask, device: torch.device, amp: bool,
-             desc: str = "eval") -> Metrics:
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device, amp: bool,
+             desc: str = "eval") -> Metrics | SegmentationMetrics:
     """The task's metrics over the loader's split (all processes' shares all-reduced).
 
-    With a :class:`VotingDataset` the outputs of the passes are averaged per sample, and the
-    metrics' ``pass_oa`` holds the single-pass OA of each pass, for comparison."""
+    With a :class:`VotingDataset` the task combines (averages) the outputs of the passes per sample,
+    and the metrics' ``pass_scores`` holds the task's score of each single pass, for comparison."""
     model.eval()
     passes = getattr(loader.dataset, "passes", 1)
     voted, single = task.meter(device), [task.meter(device) for _ in range(passes if passes > 1 else 0)]
@@ -148,9 +148,9 @@ def evaluate(model: nn.Module, loader: DataLoader, task: ClassificationTask, dev
                 outputs.append(task.forward(model, b, device).float())
         for meter, out, b in zip(single, outputs, batches):
             meter.add(out, b)
-        voted.add(torch.stack(outputs).mean(0), batches[0])
+        voted.add(task.combine(outputs, batches), batches[0])
     metrics = voted.compute()
-    metrics.pass_oa = [task.score(m.compute()) for m in single]
+    metrics.pass_scores = [task.score(m.compute()) for m in single]
     return metrics
 
 
@@ -178,11 +178,7 @@ def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def _number(x: float) -> Optional[float]:
-    return None if math.isnan(x) else round(x, 4)
-
-
-def results_record(metrics: Metrics, config: Any, class_names: list[str], *, split: str, protocol: Optional[str],
+def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_names: list[str], *, split: str, protocol: Optional[str],
                    voting: dict[str, Any], checkpoint: Optional[str] = None, epoch: Optional[int] = None,
                    source: Optional[dict[str, Any]] = None, task: str = "classification") -> dict[str, Any]:
     """The JSON record of one test: metrics, where they came from and how they were measured."""
@@ -191,11 +187,9 @@ def results_record(metrics: Metrics, config: Any, class_names: list[str], *, spl
         "experiment": tree.get("experiment", {}).get("name"),
         "task": task,
         "split": split,
-        "metrics": {"OA": _number(metrics.oa), "mAcc": _number(metrics.macc), "count": metrics.count},
-        "per_class": {name: _number(acc) for name, acc in zip(class_names, metrics.per_class)},
-        "confusion": metrics.confusion,
+        **metrics.record(class_names),
         "class_names": list(class_names),
-        "voting": {**voting, "pass_OA": [_number(x) for x in metrics.pass_oa]},
+        "voting": {**voting, f"pass_{metrics.score_name}": [json_number(x) for x in metrics.pass_scores]},
         "protocol": protocol,
         "seed": tree.get("experiment", {}).get("seed"),
         "config_hash": config_hash(tree),
@@ -262,17 +256,18 @@ def check_source(saved: Optional[dict[str, Any]], model: nn.Module, ckpt_path: s
     raise CheckpointError(f"{message}; {hint}, or pass --ignore-source-mismatch")
 
 
-def log_test(m: Metrics, class_names: list[str], votes: int, where: str) -> None:
-    """The test line (with its voting) and the per-class accuracies."""
-    voting = f"voting {votes}" + (f" (single passes OA {min(m.pass_oa):.2f}-{max(m.pass_oa):.2f})"
-                                  if m.pass_oa else "")
+def log_test(m: Metrics | SegmentationMetrics, class_names: list[str], votes: int, where: str) -> None:
+    """The test line (with its voting) and the per-class accuracies (segmentation: per-category mIoU)."""
+    passes = m.pass_scores
+    voting = f"voting {votes}" + (f" (single passes {m.score_name} {min(passes):.2f}-{max(passes):.2f})"
+                                  if passes else "")
     logger.info("test %s  %s  [%s]", m.summary(), voting, where)
     for name, acc in zip(class_names, m.per_class):
         logger.info("  %-16s %6.2f", name, acc)
 
 
 def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, vote_seed: int = 0,
-                        results: str = RESULTS, ignore_source_mismatch: bool = False) -> Metrics:
+                        results: str = RESULTS, ignore_source_mismatch: bool = False) -> Metrics | SegmentationMetrics:
     """Test a checkpoint on the test split of ``cfg``'s dataset, with ``vote``-pass voting when
     ``vote > 1``; log the number with its voting and write ``results`` next to the checkpoint.
     ``ignore_source_mismatch``: see :func:`check_source`."""

@@ -2,8 +2,9 @@
 
 The training loop and the evaluation loop never read a batch themselves: a task turns a batch into
 the model's outputs (:meth:`ClassificationTask.forward`), the outputs into a loss
-(:meth:`ClassificationTask.loss`) and, through a meter, into metrics. A new task (part
-segmentation) is a new class with the same four members; the loops do not change.
+(:meth:`ClassificationTask.loss`) and, through a meter, into metrics; with test-time voting it
+combines the outputs of the passes (:meth:`ClassificationTask.combine`). Part segmentation
+(:class:`SegmentationTask`) is a class with the same members; the loops are the same.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.engine import distributed
-from any2point.engine.metrics import Metrics, confusion_matrix
+from any2point.engine.metrics import (Metrics, SegmentationMetrics, category_part_mask, confusion_matrix,
+                                      restricted_prediction, shape_part_iou)
+from any2point.registry import ConfigError
 
 Batch = dict[str, Any]
 
@@ -53,6 +56,18 @@ class ClassificationTask:
         return ClassificationMeter(self, device)
 
     @staticmethod
+    def combine(outputs: list[Tensor], batches: list[Batch]) -> Tensor:
+        """Test-time voting: the mean of the passes' outputs."""
+        return torch.stack(outputs).mean(0)
+
+    def check_model(self, model_cfg: Any, dataset_type: str) -> None:
+        """Refuse a model config whose output size does not fit the dataset."""
+        expected = model_cfg.get("num_classes")
+        if expected is not None and expected != self.num_classes:
+            raise ConfigError(f"model.num_classes={expected} but dataset {dataset_type} has "
+                              f"{self.num_classes} classes")
+
+    @staticmethod
     def score(metrics: Metrics) -> float:
         """The number model selection maximises."""
         return metrics.oa
@@ -79,6 +94,107 @@ class ClassificationMeter:
         return Metrics.from_confusion(distributed.all_reduce_sum(self.cm).cpu())
 
 
-def build_task(dataset: Any, label_smoothing: float = 0.0) -> ClassificationTask:
-    """The task of a dataset: classification for every dataset with class labels."""
+class SegmentationTask:
+    """Part segmentation: ``(batch["points"] (B, N, 3), batch["label"] (B,) the category) -> part logits
+    (B, N, P)``, per-point cross-entropy against ``batch["parts"] (B, N)``; metrics instance and
+    class mIoU with per-category mIoU, predictions restricted to the category's parts; model
+    selection on instance mIoU.
+
+    Args:
+        class_names: the K category names, in label order.
+        category_parts: the part indices of each category (in ``[0, P)``).
+        num_parts: P.
+        label_smoothing: of the cross-entropy.
+    """
+
+    name = "part_segmentation"
+    metric = "instance mIoU"
+
+    def __init__(self, class_names: Sequence[str], category_parts: Sequence[Sequence[int]], num_parts: int,
+                 label_smoothing: float = 0.0) -> None:
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.category_parts = [sorted(parts) for parts in category_parts]
+        self.num_parts = num_parts
+        self.label_smoothing = label_smoothing
+        self.mask = category_part_mask(self.category_parts, num_parts)
+
+    def forward(self, model: nn.Module, batch: Batch, device: torch.device) -> Tensor:
+        """The model's part logits ``(B, N, P)`` for a batch."""
+        return model(batch["points"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+
+    def target(self, batch: Batch, device: torch.device) -> Tensor:
+        return batch["parts"].to(device, non_blocking=True)
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(outputs.float().transpose(1, 2), self.target(batch, outputs.device),
+                               label_smoothing=self.label_smoothing)
+
+    def meter(self, device: torch.device) -> "SegmentationMeter":
+        return SegmentationMeter(self, device)
+
+    @staticmethod
+    def combine(outputs: list[Tensor], batches: list[Batch]) -> Tensor:
+        """Test-time voting: the mean of the passes' per-point outputs, which needs every pass to keep
+        the points in place (voting transforms that move, not resample or reorder, points)."""
+        first = batches[0]["parts"]
+        if any(b["parts"].shape != first.shape or not torch.equal(b["parts"], first) for b in batches[1:]):
+            raise ConfigError("part segmentation voting averages each point's outputs over the passes, so the "
+                              "voting transforms (dataset.transforms.vote) must keep the points in place: no "
+                              "resampling or shuffling")
+        return torch.stack(outputs).mean(0)
+
+    def check_model(self, model_cfg: Any, dataset_type: str) -> None:
+        """Refuse a model config whose category or part count does not fit the dataset."""
+        for key, value in (("num_classes", self.num_classes), ("num_parts", self.num_parts)):
+            expected = model_cfg.get(key)
+            if expected is not None and expected != value:
+                raise ConfigError(f"model.{key}={expected} but dataset {dataset_type} has {value}")
+
+    @staticmethod
+    def score(metrics: SegmentationMetrics) -> float:
+        """The number model selection maximises."""
+        return metrics.instance_miou
+
+    @staticmethod
+    def scalars(metrics: SegmentationMetrics) -> dict[str, float]:
+        """The numbers logged per evaluation (log line and TensorBoard)."""
+        return {"ins_mIoU": metrics.instance_miou, "cls_mIoU": metrics.class_miou, "acc": metrics.accuracy}
+
+
+class SegmentationMeter:
+    """Accumulates, per category, the sum of the shapes' mIoU and their count, and the correctly
+    labelled points; :meth:`compute` all-reduces them over processes."""
+
+    def __init__(self, task: SegmentationTask, device: torch.device) -> None:
+        self.task = task
+        self.mask = task.mask.to(device)
+        self.sums = torch.zeros(2, task.num_classes, dtype=torch.float64, device=device)  # mIoU sum, shapes
+        self.points = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+
+    def add(self, outputs: Tensor, batch: Batch) -> None:
+        device = self.sums.device
+        category = batch["label"].to(device)
+        target = self.task.target(batch, device)
+        pred = restricted_prediction(outputs.to(device), category, self.mask)
+        iou = shape_part_iou(pred, target, category, self.mask)
+        self.sums[0].index_add_(0, category, iou)
+        self.sums[1].index_add_(0, category, torch.ones_like(iou))
+        self.points[0] += (pred == target).sum()
+        self.points[1] += target.numel()
+
+    def compute(self) -> SegmentationMetrics:
+        sums = distributed.all_reduce_sum(self.sums).cpu()
+        points = distributed.all_reduce_sum(self.points).cpu()
+        return SegmentationMetrics.from_sums(sums[0], sums[1], int(points[0]), int(points[1]))
+
+
+Task = ClassificationTask | SegmentationTask
+
+
+def build_task(dataset: Any, label_smoothing: float = 0.0) -> Task:
+    """The task of a dataset: part segmentation for a dataset with part labels (``category_parts``),
+    classification for every other."""
+    if hasattr(dataset, "category_parts"):
+        return SegmentationTask(dataset.class_names, dataset.category_parts, dataset.num_parts, label_smoothing)
     return ClassificationTask(dataset.num_classes, dataset.class_names, label_smoothing)

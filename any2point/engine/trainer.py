@@ -8,7 +8,7 @@ TensorBoard scalars. What a batch means (inputs, loss, metrics) comes from the t
 (:mod:`any2point.engine.tasks`), so a new task needs no change here.
 
 Model selection is honest by default: ``train.protocol: honest`` trains on the ``train`` split and
-keeps the epoch with the best OA on ``val`` (held out of the official training set); the test split
+keeps the epoch with the best score (the task's: OA, or instance mIoU) on ``val`` (held out of the official training set); the test split
 is evaluated once, with that checkpoint, at the end. ``train.protocol: paper`` trains on
 ``trainval`` and selects on ``test``, as the official code did; every number logged says which
 protocol produced it.
@@ -35,7 +35,7 @@ from any2point.engine.evaluate import (RESULTS, autocast, check_source, eval_loa
                                        pick_device, results_record, write_results)
 from any2point.engine.experiment import claim
 from any2point.engine.log import ScalarWriter, setup_logging
-from any2point.engine.metrics import Metrics
+from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
 from any2point.engine.tasks import build_task
 from any2point.errors import CheckpointError, ExperimentError
@@ -156,7 +156,7 @@ class Trainer:
         self.train_set = build_dataset(cfg.dataset, train_split)
         self.task = build_task(self.train_set, t.label_smoothing)
         self.num_classes = self.train_set.num_classes
-        self._check_num_classes()
+        self.task.check_model(cfg.model, cfg.dataset.type)
         self.train_loader = train_loader(self.train_set, t.batch_size // world, seed, t.num_workers, self.device)
         eval_bs = max(1, (t.test_batch_size or t.batch_size) // world)
         self.select_loader = eval_loader(build_dataset(cfg.dataset, self.select_split), eval_bs, t.num_workers,
@@ -192,12 +192,6 @@ class Trainer:
             writer.close()
         if self.lock is not None:
             self.lock.release()
-
-    def _check_num_classes(self) -> None:
-        expected = self.cfg.model.get("num_classes")
-        if expected is not None and expected != self.num_classes:
-            raise ConfigError(f"model.num_classes={expected} but dataset {self.cfg.dataset.type} has "
-                              f"{self.num_classes} classes")
 
     # ----------------------------------------------------------------------------------- state
     def state(self, epoch: int) -> dict[str, Any]:
@@ -263,8 +257,8 @@ class Trainer:
         else:
             logger.warning("checkpoint was written by %d processes, resuming with %d: RNG streams restart",
                            len(rng), distributed.world_size())
-        logger.info("resumed from %s: %d of %d epochs done (best %s OA %.2f at epoch %d)", path, self.start_epoch,
-                    self.cfg.train.epochs, self.select_split, self.best_oa, self.best_epoch + 1)
+        logger.info("resumed from %s: %d of %d epochs done (best %s %s %.2f at epoch %d)", path, self.start_epoch,
+                    self.cfg.train.epochs, self.select_split, self.task.metric, self.best_oa, self.best_epoch + 1)
 
     # ----------------------------------------------------------------------------------- loop
     def call(self, event: str) -> None:
@@ -272,7 +266,7 @@ class Trainer:
         for hook in self.hooks:
             getattr(hook, event)(self)
 
-    def fit(self, stop_after: Optional[int] = None) -> Optional[Metrics]:
+    def fit(self, stop_after: Optional[int] = None) -> Optional[Metrics | SegmentationMetrics]:
         """Train to ``train.epochs`` and return the test metrics of the best epoch. ``stop_after`` ends
         this call after that many epochs (e.g. to fit a job's time limit; ``--resume`` continues) and
         returns ``None`` if training is not finished. The experiment folder is released at the end."""
@@ -314,7 +308,7 @@ class Trainer:
         return {"loss": loss_sum / count, "acc": self.task.score(meter.compute()),
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def final_test(self) -> Metrics:
+    def final_test(self) -> Metrics | SegmentationMetrics:
         """Evaluate the best checkpoint on the test split once; log it with its protocol and write
         ``results.json``."""
         distributed.barrier()

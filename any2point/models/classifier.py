@@ -12,7 +12,7 @@ trains inside the source (its final norm always; everything for full fine-tuning
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -70,11 +70,14 @@ class Encoded:
         centres: the token centres ``(B, G, 3)``.
         cls: the class token after the final norm ``(B, C)``.
         tokens: the point tokens after the final norm ``(B, G, C)`` (prompt tokens dropped).
+        levels: the point tokens after each block asked for (``encode(points, levels)``), each
+            through the final norm ``(B, G, C)``, in the order asked.
     """
 
     centres: Tensor
     cls: Tensor
     tokens: Tensor
+    levels: list[Tensor] = field(default_factory=list)
 
 
 @MODELS.register()
@@ -135,7 +138,7 @@ class Any2Point(nn.Module):
         self.tuner = self._build_tuner(tuner or {"type": "GuidedAdapter"})
         self.cls_token = _init_token(self.source.cls_token, dim)
         self.cls_pos_embed = _init_token(None if random_cls_pos else self.source.cls_pos_embed, dim)
-        self.head = ClassificationHead(2 * dim, head_widths, num_classes, head_dropout, head_hidden_bias)
+        self.head = self._build_head(dim, num_classes, head_widths, head_dropout, head_hidden_bias)
         self.tuner.attach(self.source)
         self.train()
         counts = self.parameter_counts()
@@ -155,6 +158,11 @@ class Any2Point(nn.Module):
             raise ConfigError(f"model tuner '{cfg['type']}' is not a Tuner")
         return build_from_cfg(cfg, MODELS, **{k: available[k] for k in target.injected_args})
 
+    def _build_head(self, dim: int, num_classes: int, widths: Sequence[int], dropout: float,
+                    hidden_bias: bool) -> nn.Module:
+        """The task head (a subclass's own head replaces the classification head here)."""
+        return ClassificationHead(2 * dim, widths, num_classes, dropout, hidden_bias)
+
     def train(self, mode: bool = True) -> "Any2Point":
         """Set the mode of every module; the tuner decides the source's (a frozen one stays in eval)."""
         super().train(mode)
@@ -172,10 +180,13 @@ class Any2Point(nn.Module):
     def _table(self) -> Tensor:
         return self.source.pos_embed_1d if self.source.modality_dim == 1 else self.source.pos_embed_2d
 
-    def encode(self, points: Tensor) -> Encoded:
-        """``points (B, N, 3)`` -> the normed class and point tokens and the token centres."""
+    def encode(self, points: Tensor, levels: Sequence[int] = ()) -> Encoded:
+        """``points (B, N, 3)`` -> the normed class and point tokens and the token centres, and the
+        normed point tokens after each block of ``levels`` (block numbers from 1 to depth)."""
         if points.ndim != 3 or points.shape[-1] != 3:
             raise ValueError(f"Any2Point expects points of shape (B, N, 3), got {tuple(points.shape)}")
+        if any(not 1 <= k <= self.source.depth for k in levels):
+            raise ValueError(f"levels {list(levels)} must be block numbers from 1 to {self.source.depth}")
         centres, tokens = self.tokenizer(points)
         projected = self.projection(centres, self._table())
         context = self.tuner.prepare(projected, self.projection)
@@ -185,14 +196,18 @@ class Any2Point(nn.Module):
             tokens = tokens + projected.pe
         cls = self.cls_token + self.cls_pos_embed if initial else self.cls_token
         x = torch.cat([cls.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
+        first = 1 + self.tuner.num_prompts
+        after: dict[int, Tensor] = {}
         for index in range(self.source.depth):
             x = self.tuner.enter_block(index, x, context)
             if self.pe_injection != "once":
                 x = x + self._block_pe(projected.pe, x)
             hooks = self.tuner.hooks(index, context)
             x = self.source.forward_block(index, x, ffn_hook=hooks.ffn, attn_hook=hooks.attn)
+            if index + 1 in levels:
+                after[index + 1] = self.source.norm(x[:, first:])
         x = self.source.norm(x)
-        return Encoded(centres=centres, cls=x[:, 0], tokens=x[:, 1 + self.tuner.num_prompts:])
+        return Encoded(centres=centres, cls=x[:, 0], tokens=x[:, first:], levels=[after[k] for k in levels])
 
     def _block_pe(self, pe: Optional[Tensor], x: Tensor) -> Tensor:
         """``[cls position, zeros for the prompt tokens, PE]`` ``(B, T, C)`` for tokens ``x (B, T, C)``."""
