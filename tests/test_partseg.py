@@ -247,34 +247,61 @@ def test_training_steps_reduce_the_loss() -> None:
 
 
 # --------------------------------------------------------------------------------- trainer, test, voting
-def test_trainer_test_and_voting_write_segmentation_results(tmp_path: Path) -> None:
-    from any2point.engine.trainer import Trainer
-
-    run = {"model": {"type": "Any2PointSeg", "num_classes": 2, "num_parts": 4, "source": TINY_SOURCES["clip_text"],
+SEG_RUN = {"model": {"type": "Any2PointSeg", "num_classes": 2, "num_parts": 4, "source": TINY_SOURCES["clip_text"],
                      "tokenizer": {"type": "PointPNTokenizer", "k": 8, "recompute": False},
                      "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "voxel_size": 0.5}, "levels": [1, 2],
                      "token_dim": 16, "head_widths": [16]},
-           "dataset": {"type": "SyntheticParts", "num_points": 64, "train_size": 16, "val_size": 4, "test_size": 6,
+           "dataset": {"type": "SyntheticParts", "num_points": 128, "train_size": 16, "val_size": 4, "test_size": 6,
                        "categories": ["mug", "table"],
                        "transforms": {"vote": [{"type": "RandomScale", "low": 0.9, "high": 1.1}]}},
            "scheduler": {"type": "CosineWarmup", "warmup_epochs": 0},
-           "train": {"epochs": 1, "batch_size": 8, "num_workers": 0},
-           "experiment": {"name": "seg", "output_dir": str(tmp_path)}}
-    path = tmp_path / "seg.yaml"
-    path.write_text(yaml.safe_dump(run))
-    cfg = load_config(path)
-    m = Trainer(cfg).fit()
-    record = json.loads((tmp_path / "seg" / "results.json").read_text())
+           "train": {"epochs": 1, "batch_size": 8, "num_workers": 0}}
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """A one-epoch run of a tiny Any2PointSeg: its config file and its test instance mIoU."""
+    from any2point.engine.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("seg")
+    path = root / "seg.yaml"
+    path.write_text(yaml.safe_dump({**SEG_RUN, "experiment": {"name": "seg", "output_dir": str(root)}}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = Trainer(load_config(path)).fit()
+    finally:
+        torch.set_num_threads(threads)
+    return path, m.instance_miou
+
+
+def test_trainer_test_and_voting_write_segmentation_results(seg_run: tuple[Path, float]) -> None:
+    from any2point.engine.trainer import Trainer
+
+    path, miou = seg_run
+    folder = path.parent / "seg"
+    record = json.loads((folder / "results.json").read_text())
     assert record["task"] == "part_segmentation" and record["metrics"]["count"] == 6
-    assert record["metrics"]["instance_mIoU"] == pytest.approx(m.instance_miou, abs=1e-4)
+    assert record["metrics"]["instance_mIoU"] == pytest.approx(miou, abs=1e-4)
     assert set(record["per_class"]) == {"mug", "table"} and sum(record["per_class_count"].values()) == 6
-    voted = evaluate_checkpoint(cfg, tmp_path / "seg" / "ckpt-best.pth", vote=2, results="vote.json")
-    record = json.loads((tmp_path / "seg" / "vote.json").read_text())
+    voted = evaluate_checkpoint(load_config(path), folder / "ckpt-best.pth", vote=2, results="vote.json")
+    record = json.loads((folder / "vote.json").read_text())
     assert len(record["voting"]["pass_instance_mIoU"]) == 2 and voted.count == 6
-    shuffled = {**run["dataset"], "transforms": {"vote": [{"type": "ShufflePoints"}]}}
-    model = build_model(run["model"])
+    shuffled = {**SEG_RUN["dataset"], "transforms": {"vote": [{"type": "ShufflePoints"}]}}
     data = voting_dataset(shuffled, "test", 2, 0)
     with pytest.raises(ConfigError, match="keep the points in place"):
-        evaluate(model, eval_loader(data, 6, 0, CPU), build_task(data.base), CPU, amp=False)
+        evaluate(build_model(SEG_RUN["model"]), eval_loader(data, 6, 0, CPU), build_task(data.base), CPU, amp=False)
     with pytest.raises(ConfigError, match="model.num_parts=5 but dataset SyntheticParts has 4"):
         Trainer(load_config(path, ["model.num_parts=5", "experiment.name=other"]))
+
+
+def test_visualize_draws_true_and_predicted_parts(seg_run: tuple[Path, float], tmp_path: Path) -> None:
+    from tests.test_visualize import assert_not_blank
+    from tools.visualize import main
+
+    ckpt = seg_run[0].parent / "seg" / "ckpt-best.pth"
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path), "--sample", "1"]) == 0
+    names = {"per_class.png", "curves.png", "attention.png", "clusters.png", "pe_similarity.png", "parts.png"}
+    assert {p.name for p in tmp_path.iterdir()} == names
+    for name in names:
+        assert_not_blank(tmp_path / name)

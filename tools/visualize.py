@@ -7,8 +7,10 @@
 Figures (``--figures``, comma-separated, default ``all``):
 
 - ``confusion``: the test confusion matrix (row-normalised) and ``per_class``: per-class accuracy
-  bars, from the experiment's ``results.json`` when it has one (``--results``), else from a test pass;
-- ``curves``: training loss, accuracy, selection-split OA and learning rate over epochs, from the
+  bars (part segmentation: per-category mIoU), from the experiment's ``results.json`` when it has
+  one (``--results``), else from a test pass;
+- ``parts`` (part segmentation): the true and the predicted parts of one cloud, side by side;
+- ``curves``: training loss, accuracy (or mIoU), selection-split score and learning rate over epochs, from the
   experiment's TensorBoard scalars (or its ``log.txt``);
 - ``attention`` (paper Fig. 5): the attention of the [CLS] token to the point tokens in one block of
   the source (``--layer``, default the last; heads averaged), each point coloured by its token's;
@@ -45,8 +47,10 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from any2point.errors import UserError, run_cli  # noqa: E402
 
-FIGURES = ("confusion", "per_class", "curves", "attention", "clusters", "pe")
+FIGURES = ("confusion", "per_class", "curves", "attention", "clusters", "pe", "parts")
 MODEL_FIGURES = ("attention", "clusters", "pe")
+#: Figures of one task only; ``all`` leaves out the other task's.
+TASK_FIGURES = {"classification": ("confusion",), "part_segmentation": ("parts",)}
 
 
 # ------------------------------------------------------------------------------------ hooks on the model
@@ -240,17 +244,35 @@ def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
     return _save(fig, path)
 
 
-def plot_per_class(per_class: dict[str, Optional[float]], path: Path) -> Path:
+def plot_per_class(per_class: dict[str, Optional[float]], path: Path, segmentation: bool = False) -> Path:
     names = list(per_class)
     values = [np.nan if v is None else v for v in per_class.values()]
+    what, mean = ("mIoU", "class mIoU") if segmentation else ("accuracy", "mAcc")
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 4))
     ax.bar(range(len(names)), values, color="tab:blue")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_ylim(0, 100)
-    ax.set_ylabel("accuracy (%)")
-    ax.axhline(np.nanmean(values), color="tab:red", linestyle="--", label=f"mAcc {np.nanmean(values):.1f}")
+    ax.set_ylabel(f"{what} (%)")
+    ax.axhline(np.nanmean(values), color="tab:red", linestyle="--", label=f"{mean} {np.nanmean(values):.1f}")
     ax.legend()
-    ax.set_title("per-class accuracy (test)")
+    ax.set_title(f"per-{'category' if segmentation else 'class'} {what} (test)")
+    return _save(fig, path)
+
+
+def plot_parts(points: np.ndarray, truth: np.ndarray, pred: np.ndarray, parts: Sequence[int], category: str,
+               path: Path) -> Path:
+    """The true and the predicted parts of one cloud; each part of the category has its colour."""
+    colour = {p: k for k, p in enumerate(parts)}
+    iou = [(np.sum((pred == p) & (truth == p)) / max(1, np.sum((pred == p) | (truth == p))))
+           if np.any((pred == p) | (truth == p)) else 1.0 for p in parts]
+    fig = plt.figure(figsize=(10, 4.5))
+    for index, (labels, title) in enumerate(((truth, "true parts"), (pred, f"predicted parts (mIoU "
+                                                                          f"{100 * np.mean(iou):.1f})"))):
+        ax = fig.add_subplot(1, 2, index + 1, projection="3d")
+        ax.scatter(points[:, 0], points[:, 2], points[:, 1], c=[colour.get(int(p), -1) for p in labels],
+                   cmap="tab10", vmin=0, vmax=9, s=10, depthshade=False)
+        ax.set_title(f"{category}: {title}", fontsize=9)
+        ax.set_axis_off()
     return _save(fig, path)
 
 
@@ -287,8 +309,8 @@ def read_curves(exp_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    panels = [("loss", ["train/loss"]), ("accuracy (%)", sorted(t for t in curves if t.endswith(("/acc", "/OA",
-                                                                                                   "/mAcc")))),
+    panels = [("loss", ["train/loss"]), ("accuracy / mIoU (%)", sorted(t for t in curves if t.endswith(
+        ("/acc", "/OA", "/mAcc", "mIoU")))),
               ("learning rate", ["train/lr"])]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (label, tags) in zip(axes, panels):
@@ -358,8 +380,7 @@ def _test_results(ckpt: Path, results: Optional[Path]) -> dict[str, Any]:
     task = build_task(test)
     m = evaluate(model, eval_loader(test, cfg.train.test_batch_size or cfg.train.batch_size, 0, device), task,
                  device, cfg.train.amp, "test")
-    return {"confusion": m.confusion, "class_names": task.class_names,
-            "per_class": {n: (None if np.isnan(a) else a) for n, a in zip(task.class_names, m.per_class)}}
+    return {**m.record(task.class_names), "class_names": task.class_names, "task": task.name}
 
 
 def _cloud(model_cfg: Any, ckpt: Path, sample: int, file: Optional[str]) -> Tensor:
@@ -383,9 +404,12 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
     if "confusion" in figures or "per_class" in figures:
         record = _test_results(ckpt, results)
         if "confusion" in figures:
+            if "confusion" not in record:
+                raise UserError(f"no confusion matrix for a {record.get('task')} model; draw the other figures")
             written.append(plot_confusion(record["confusion"], record["class_names"], out / "confusion.png"))
         if "per_class" in figures:
-            written.append(plot_per_class(record["per_class"], out / "per_class.png"))
+            written.append(plot_per_class(record["per_class"], out / "per_class.png",
+                                          record.get("task") == "part_segmentation"))
     if "curves" in figures:
         written.append(plot_curves(read_curves(exp or ckpt.parent), out / "curves.png"))
     if any(f in figures for f in MODEL_FIGURES):
@@ -410,7 +434,38 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
             views, mean = pe_similarity(model, cloud, point)
             kind = "line" if model.source.modality_dim == 1 else "view"
             written.append(plot_pe(xyz, views.numpy(), mean.numpy(), point, out / "pe_similarity.png", kind))
+    if "parts" in figures:
+        written.append(draw_parts(ckpt, sample, out / "parts.png"))
     return written
+
+
+def draw_parts(ckpt: Path, sample: int, path: Path) -> Path:
+    """The ``parts`` figure of test item ``sample`` of a part-segmentation checkpoint."""
+    from any2point.datasets import PartDataset, build_dataset
+    from any2point.engine.evaluate import load_model
+    from any2point.engine.metrics import category_part_mask, restricted_prediction
+
+    model, cfg, _ = load_model(ckpt, device=torch.device("cpu"))
+    test = build_dataset(cfg.dataset, "test")
+    if not isinstance(test, PartDataset):
+        raise UserError(f"figure parts needs a part-segmentation checkpoint; {ckpt} was trained on "
+                        f"{cfg.dataset.type}, a classification dataset")
+    if not 0 <= sample < len(test):
+        raise UserError(f"--sample {sample} is outside the test split (0..{len(test) - 1})")
+    item = test[sample]
+    category = torch.tensor([item["label"]])
+    with torch.no_grad():
+        logits = model(item["points"][None], category)
+    pred = restricted_prediction(logits, category, category_part_mask(test.category_parts, test.num_parts))[0]
+    return plot_parts(item["points"].numpy(), item["parts"].numpy(), pred.numpy(), test.category_parts[item["label"]],
+                      test.class_names[item["label"]], path)
+
+
+def task_of(ckpt: Path) -> str:
+    """The task a checkpoint was trained for (``classification`` for one that does not say)."""
+    from any2point.engine import checkpoint
+
+    return checkpoint.load(ckpt).get("task") or "classification"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -435,7 +490,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out or (args.exp or args.ckpt.parent) / "figures"
 
     def run() -> None:
-        for path in draw(figures, out, args.ckpt, args.exp, args.results, args.sample, args.file, args.layer,
+        chosen = figures
+        if args.figures == "all":
+            task = task_of(args.ckpt)
+            other = [f for name, only in TASK_FIGURES.items() if name != task for f in only]
+            chosen = [f for f in figures if f not in other]
+        for path in draw(chosen, out, args.ckpt, args.exp, args.results, args.sample, args.file, args.layer,
                          args.point):
             print(path)
 

@@ -6,9 +6,10 @@ virtual-projection PE, the source's blocks adapted by the tuner) gives the point
 chosen blocks (``levels``, e.g. 4, 8 and 12), each through the source's final norm; concatenated
 ``(B, G, L*C)`` and projected to ``token_dim`` (linear, so projecting before interpolating equals
 projecting after), they are propagated to every point by three-nearest-neighbour inverse-distance
-interpolation from the token centres (PointNet++ feature propagation) and joined with the shape's
-global feature (max and mean of the projected tokens) and the category one-hot; a per-point MLP
-(Conv1d 1x1 + BN + ReLU + dropout per hidden width, then a Conv1d to P) gives the part logits.
+interpolation from the token centres (PointNet++ feature propagation) and joined with the point's
+xyz, the shape's global feature (max and mean of the projected tokens) and the category one-hot; a
+per-point MLP (Conv1d 1x1 + BN + ReLU + dropout per hidden width, then a Conv1d to P) gives the
+part logits.
 
 Trainable: what Any2Point trains (tokenizer, projection, cls token and its PE, the tuner's modules,
 the source's final norm) and the head (projection and MLP). Works with every source and tuner.
@@ -28,7 +29,8 @@ from any2point.registry import MODELS, ConfigError
 
 
 class PartSegmentationHead(nn.Module):
-    """``levels L x (B, G, C), centres (B, G, 3), points (B, N, 3), one-hot (B, K) -> (B, N, P)``.
+    """``levels L x (B, G, C), centres (B, G, 3), points (B, N, 3), one-hot (B, K) -> (B, N, P)``;
+    each point's features are ``[xyz, propagated tokens, max and mean of the tokens, one-hot]``.
 
     Args:
         in_features: ``L * C``, the width of the concatenated levels.
@@ -44,7 +46,7 @@ class PartSegmentationHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_features, token_dim)
         layers: list[nn.Module] = []
-        width = 3 * token_dim + num_classes
+        width = 3 + 3 * token_dim + num_classes
         for hidden in widths:
             layers += [nn.Conv1d(width, hidden, 1, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                        nn.Dropout(dropout)]
@@ -57,7 +59,7 @@ class PartSegmentationHead(nn.Module):
         local = three_nn_interpolate(points, centres, tokens)  # (B, N, D)
         n = points.shape[1]
         shape = torch.cat([tokens.amax(dim=1), tokens.mean(dim=1), one_hot.to(tokens.dtype)], dim=-1)
-        x = torch.cat([local, shape.unsqueeze(1).expand(-1, n, -1)], dim=-1)
+        x = torch.cat([points.to(tokens.dtype), local, shape.unsqueeze(1).expand(-1, n, -1)], dim=-1)
         return self.mlp(x.transpose(1, 2)).transpose(1, 2)
 
 
