@@ -84,3 +84,22 @@ def test_three_seeds_of_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture
     oas = [json.loads((tmp_path / f"tiny_seed{s}" / "results.json").read_text())["metrics"]["OA"] for s in range(3)]
     row = f"| tiny | 3 | 0 1 2 | {statistics.fmean(oas):.2f} ± {statistics.stdev(oas):.2f} |"
     assert row in capsys.readouterr().out
+
+
+def test_part_segmentation_runs_tabulate_their_mious(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from any2point.engine.metrics import SegmentationMetrics
+
+    for seed, (ins, cls) in enumerate([(80.0, 70.0), (82.0, 73.0)]):
+        config = {"model": {"type": "Any2PointSeg"}, "experiment": {"name": f"seg_seed{seed}", "seed": seed}}
+        m = SegmentationMetrics(instance_miou=ins, class_miou=cls, accuracy=90.0, per_class=[ins], count=10)
+        record = results_record(m, config, ["mug"], split="test", protocol="honest", voting={"passes": 1},
+                                task="part_segmentation")
+        write_results(record, tmp_path / "seg" / f"seg_seed{seed}" / "results.json")
+    assert collect([str(tmp_path / "seg"), "--ref", "seg=80", "--csv", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "| group | runs | seeds | instance_mIoU | class_mIoU | voting | configs | reference instance_mIoU | Δ |" in out
+    assert f"| seg | 2 | 0 1 | 81.00 ± {statistics.stdev([80, 82]):.2f} | 71.50 ± " in out and "| +1.00 |" in out
+    assert float(next(csv.DictReader(open(tmp_path / "t.csv")))["class_mIoU_mean"]) == pytest.approx(71.5)
+    write_runs(tmp_path / "cls")
+    assert collect([str(tmp_path)]) == 2
+    assert "mix tasks (classification, part_segmentation)" in capsys.readouterr().err

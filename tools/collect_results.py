@@ -8,9 +8,10 @@ a results file itself, or a folder searched recursively for results files. Runs 
 their experiment name without a trailing ``_seed<N>`` (``-seed<N>``, ``.seed<N>``), or by
 ``--group-by`` keys (comma-separated; each a field of the results record such as ``voting.passes``
 or ``protocol``, or a dotted config key such as ``model.source.type``). The table gives, per group,
-the runs, their seeds, OA and mAcc as mean +- sample standard deviation, the voting passes, and the
-number of distinct configurations pooled (ignoring the experiment section); ``--ref GROUP=VALUE``
-adds a reference OA (e.g. the paper's) and the difference to it. Prints markdown; writes CSV and
+the runs, their seeds, OA and mAcc (part segmentation: instance and class mIoU) as mean +- sample
+standard deviation, the voting passes, and the number of distinct configurations pooled (ignoring
+the experiment section); ``--ref GROUP=VALUE`` adds a reference for the first metric (e.g. the
+paper's OA) and the difference to it. Prints markdown; writes CSV and
 markdown files on request.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ from any2point.errors import UserError, run_cli
 
 SEED_SUFFIX = re.compile(r"[-_.]seed\d+$")
 MISSING = object()
+#: The two metrics tabulated for each task (records without a task are classification runs).
+TASK_METRICS = {"classification": ("OA", "mAcc"), "part_segmentation": ("instance_mIoU", "class_mIoU")}
 
 
 def find_results(paths: Sequence[str], name: str) -> list[Path]:
@@ -99,8 +102,18 @@ def fmt(mean: float, std: Optional[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
-def summarize(records: list[dict[str, Any]], keys: Sequence[str],
-              references: dict[str, float]) -> list[dict[str, Any]]:
+def task_metrics(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """The two metrics of the records' task; runs of different tasks do not share a table."""
+    tasks = sorted({r.get("task") or "classification" for r in records})
+    if len(tasks) > 1:
+        raise UserError(f"the results mix tasks ({', '.join(tasks)}); tabulate each task's runs separately")
+    if tasks[0] not in TASK_METRICS:
+        raise UserError(f"{records[0]['_path']}: unknown task '{tasks[0]}'")
+    return TASK_METRICS[tasks[0]]
+
+
+def summarize(records: list[dict[str, Any]], keys: Sequence[str], references: dict[str, float],
+              metrics: Sequence[str] = TASK_METRICS["classification"]) -> list[dict[str, Any]]:
     """One row per group, in order of first appearance."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -114,25 +127,26 @@ def summarize(records: list[dict[str, Any]], keys: Sequence[str],
         row: dict[str, Any] = {"group": label, "runs": len(runs), "seeds": " ".join(str(s) for s in sorted(
             seeds, key=str)), "configs": len({r.get("group_hash") for r in runs}),
             "voting": " ".join(sorted({str((r.get("voting") or {}).get("passes", 1)) for r in runs}))}
-        for metric in ("OA", "mAcc"):
+        for metric in metrics:
             values = [float(r["metrics"][metric]) if r["metrics"].get(metric) is not None else math.nan
                       for r in runs]
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
         ref = references.get(label)
         row["reference"] = ref
-        row["delta"] = row["OA_mean"] - ref if ref is not None else None
+        row["delta"] = row[f"{metrics[0]}_mean"] - ref if ref is not None else None
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], with_reference: bool) -> str:
-    head = ["group", "runs", "seeds", "OA", "mAcc", "voting", "configs"]
+def markdown(rows: list[dict[str, Any]], with_reference: bool,
+             metrics: Sequence[str] = TASK_METRICS["classification"]) -> str:
+    head = ["group", "runs", "seeds", *metrics, "voting", "configs"]
     if with_reference:
-        head += ["reference OA", "Δ"]
+        head += [f"reference {metrics[0]}", "Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
-        cells = [r["group"], str(r["runs"]), r["seeds"], fmt(r["OA_mean"], r["OA_std"]),
-                 fmt(r["mAcc_mean"], r["mAcc_std"]), r["voting"], str(r["configs"])]
+        cells = [r["group"], str(r["runs"]), r["seeds"], *(fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+                 r["voting"], str(r["configs"])]
         if with_reference:
             cells += ["-" if r["reference"] is None else f"{r['reference']:.2f}",
                       "-" if r["delta"] is None else f"{r['delta']:+.2f}"]
@@ -140,8 +154,8 @@ def markdown(rows: list[dict[str, Any]], with_reference: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = ["group", "runs", "seeds", "OA_mean", "OA_std", "mAcc_mean", "mAcc_std", "voting", "configs",
+def write_csv(rows: list[dict[str, Any]], path: Path, metrics: Sequence[str] = TASK_METRICS["classification"]) -> None:
+    fields = ["group", "runs", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "voting", "configs",
               "reference", "delta"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -171,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--group-by", default="", help="comma-separated record or config keys (default: the "
                                                        "experiment name without its _seed<N> suffix)")
     parser.add_argument("--file", default="results.json", help="results file name in each experiment folder")
-    parser.add_argument("--ref", action="append", default=[], metavar="GROUP=OA", help="a reference OA of a group")
+    parser.add_argument("--ref", action="append", default=[], metavar="GROUP=VALUE",
+                        help="a reference value of a group's first metric (OA, or instance mIoU)")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
@@ -184,17 +199,18 @@ def collect(args: argparse.Namespace) -> None:
     refs = parse_references(args.ref)
     records = [load_record(p) for p in find_results(args.experiments, args.file)]
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()]
-    rows = summarize(records, keys, refs)
+    metrics = task_metrics(records)
+    rows = summarize(records, keys, refs, metrics)
     unknown = sorted(set(refs) - {r["group"] for r in rows})
     if unknown:
         print(f"warning: --ref names groups with no runs: {', '.join(unknown)}", file=sys.stderr)
-    table = markdown(rows, bool(refs))
+    table = markdown(rows, bool(refs), metrics)
     print(table, end="")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table)
     if args.csv:
-        write_csv(rows, args.csv)
+        write_csv(rows, args.csv, metrics)
 
 
 if __name__ == "__main__":
