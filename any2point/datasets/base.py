@@ -129,8 +129,7 @@ class PartDataset(PointDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         points, label = self.get_raw(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        points = self.transform(points, rng)
+        points = self.transform(points, self.item_rng(index))
         return {"points": torch.from_numpy(np.ascontiguousarray(points[:, :3], dtype=np.float32)),
                 "label": int(label), "parts": torch.from_numpy(points[:, -1].astype(np.int64))}
 

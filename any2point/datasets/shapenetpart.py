@@ -10,7 +10,8 @@ global index in ``[0, 50)``), and ``train_test_split/shuffled_{train,val,test}_f
 Each shape is read when its item is fetched, its xyz centred and scaled into the unit sphere (the
 usual normalisation), then ``num_points`` points are drawn: without replacement when the shape has
 that many, else all of them and the rest again at random. Training splits draw new points every
-epoch; ``val`` and ``test`` the same points in every pass (so voting averages over fixed points).
+epoch (and run seed); ``val`` and ``test`` the same points in every pass (so voting averages over
+fixed points).
 """
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ class ShapeNetPart(PartDataset):
         data = read_part_file(path, self.category_parts[label])
         if self.normalize:
             normalize_unit_sphere(data[:, :3])
-        stream = [_STREAM_TAG, self.seed, index] + ([self.epoch] if split_kind(self.split) == "train" else [])
+        training = split_kind(self.split) == "train"
+        stream = [_STREAM_TAG, self.seed, index] + ([self.run_seed, self.epoch] if training else [])
         rng = np.random.default_rng(stream)
         n = len(data)
         if n >= self.num_points:
