@@ -305,3 +305,13 @@ def test_visualize_draws_true_and_predicted_parts(seg_run: tuple[Path, float], t
     assert {p.name for p in tmp_path.iterdir()} == names
     for name in names:
         assert_not_blank(tmp_path / name)
+
+
+def test_predict_refuses_a_part_segmentation_checkpoint(seg_run: tuple[Path, float], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from tools.predict import main
+
+    cloud = tmp_path / "cloud.npy"
+    np.save(cloud, np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32))
+    assert main(["--ckpt", str(seg_run[0].parent / "seg" / "ckpt-best.pth"), str(cloud)]) == 2
+    assert "is a part_segmentation checkpoint; tools/predict.py classifies shapes" in capsys.readouterr().err

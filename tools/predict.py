@@ -27,7 +27,7 @@ from any2point.datasets import build_dataset, build_transforms
 from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES, DataError, normalize_unit_sphere, read_shape_file
 from any2point.datasets.transforms import FPSResample
 from any2point.engine.evaluate import load_model
-from any2point.errors import run_cli
+from any2point.errors import UserError, run_cli
 
 SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 DEFAULT_POINTS = 2048
@@ -95,6 +95,9 @@ def run(ckpt: str, paths: Sequence[str], top_k: int = 5, num_points: Optional[in
     """One record per file: ``{"file", "predictions"}`` or ``{"file", "error"}``."""
     files = collect_files(paths)
     model, cfg, state = load_model(ckpt, device=torch.device(device) if device else None)
+    if state.get("task", "classification") != "classification":
+        raise UserError(f"{ckpt} is a {state['task']} checkpoint; tools/predict.py classifies shapes (draw a "
+                        f"test shape's predicted parts with tools/visualize.py --figures parts)")
     names = class_names(cfg, state)
     prepare = Preparer(cfg, num_points, normalize, seed)
     records = []
