@@ -97,7 +97,8 @@ def test_part_segmentation_runs_tabulate_their_mious(tmp_path: Path, capsys: pyt
         write_results(record, tmp_path / "seg" / f"seg_seed{seed}" / "results.json")
     assert collect([str(tmp_path / "seg"), "--ref", "seg=80", "--csv", str(tmp_path / "t.csv")]) == 0
     out = capsys.readouterr().out
-    assert "| group | runs | seeds | instance_mIoU | class_mIoU | voting | configs | reference instance_mIoU | Δ |" in out
+    head = "| group | runs | seeds | instance_mIoU | class_mIoU | voting | configs | reference instance_mIoU | Δ |"
+    assert head in out
     assert f"| seg | 2 | 0 1 | 81.00 ± {statistics.stdev([80, 82]):.2f} | 71.50 ± " in out and "| +1.00 |" in out
     assert float(next(csv.DictReader(open(tmp_path / "t.csv")))["class_mIoU_mean"]) == pytest.approx(71.5)
     write_runs(tmp_path / "cls")

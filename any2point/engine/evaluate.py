@@ -10,8 +10,8 @@ only; model selection never votes.
 
 Each test writes a JSON record (:func:`results_record`) with the task's metrics (classification:
 OA, mAcc, per-class accuracy and the confusion matrix; part segmentation: instance and class mIoU,
-point accuracy, per-category mIoU and shape counts), protocol, voting, seed, config hash, source identity, time and git commit, so a
-number in a table can be traced to the run that produced it.
+point accuracy, per-category mIoU and shape counts), protocol, voting, seed, config hash, source
+identity, time and git commit, so a number in a table can be traced to the run that produced it.
 """
 from __future__ import annotations
 
@@ -178,8 +178,8 @@ def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_names: list[str], *, split: str, protocol: Optional[str],
-                   voting: dict[str, Any], checkpoint: Optional[str] = None, epoch: Optional[int] = None,
+def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_names: list[str], *, split: str,
+                   protocol: Optional[str], voting: dict[str, Any], checkpoint: Optional[str] = None, epoch: Optional[int] = None,
                    source: Optional[dict[str, Any]] = None, task: str = "classification") -> dict[str, Any]:
     """The JSON record of one test: metrics, where they came from and how they were measured."""
     tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config

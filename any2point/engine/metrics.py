@@ -131,7 +131,8 @@ class SegmentationMetrics:
 
     def record(self, class_names: Sequence[str]) -> dict[str, Any]:
         """The metrics' entries of a results record (per-category mIoU and shape counts)."""
-        return {"metrics": {"instance_mIoU": json_number(self.instance_miou), "class_mIoU": json_number(self.class_miou),
-                            "accuracy": json_number(self.accuracy), "count": self.count},
+        return {"metrics": {"instance_mIoU": json_number(self.instance_miou),
+                            "class_mIoU": json_number(self.class_miou), "accuracy": json_number(self.accuracy),
+                            "count": self.count},
                 "per_class": {name: json_number(v) for name, v in zip(class_names, self.per_class)},
                 "per_class_count": dict(zip(class_names, self.per_class_count))}

@@ -8,10 +8,10 @@ TensorBoard scalars. What a batch means (inputs, loss, metrics) comes from the t
 (:mod:`any2point.engine.tasks`), so a new task needs no change here.
 
 Model selection is honest by default: ``train.protocol: honest`` trains on the ``train`` split and
-keeps the epoch with the best score (the task's: OA, or instance mIoU) on ``val`` (held out of the official training set); the test split
-is evaluated once, with that checkpoint, at the end. ``train.protocol: paper`` trains on
-``trainval`` and selects on ``test``, as the official code did; every number logged says which
-protocol produced it.
+keeps the epoch with the best score (the task's: OA, or instance mIoU) on ``val`` (held out of the
+official training set); the test split is evaluated once, with that checkpoint, at the end.
+``train.protocol: paper`` trains on ``trainval`` and selects on ``test``, as the official code did;
+every number logged says which protocol produced it.
 """
 from __future__ import annotations
 
