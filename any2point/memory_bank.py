@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from any2point.errors import CheckpointError
+from any2point.registry import ConfigError
 
 BANK_KEYS = frozenset({"features", "source"})
 
@@ -64,13 +65,12 @@ def convert_released_bank(released: str | Path, out: str | Path) -> Tensor:
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, batches: Iterable[Tensor]) -> Tensor:
-    """The frozen 3D source's global features ``(M, C)`` of clouds ``(B, N, 3)`` (the model's own
-    tokenizer and position embedding, no tuner)."""
-    source = model.source
-    if source.modality_dim != 3:
-        raise CheckpointError(f"a memory bank needs a 3D-pretrained source (PointMAESource, PointBERTSource), "
-                              f"not '{source.name}'")
+def extract_features(source: torch.nn.Module, batches: Iterable[Tensor]) -> Tensor:
+    """The 3D-pretrained source's global features ``(M, C)`` of clouds ``(B, N, 3)``: its own tokenizer
+    and position embedding, its blocks and final norm, max over tokens, in eval mode."""
+    if getattr(source, "modality_dim", None) != 3:
+        raise ConfigError(f"a memory bank needs a 3D-pretrained source (PointMAESource, PointBERTSource), "
+                          f"not '{getattr(source, 'name', type(source).__name__)}'")
     was_training = source.training
     source.eval()
     out = []
