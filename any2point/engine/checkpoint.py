@@ -40,9 +40,12 @@ def frozen_prefixes(model: nn.Module) -> list[str]:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the frozen submodules (their weights come from the source file)."""
+    """The state dict without the frozen submodules and without the frozen parameters of the others
+    (e.g. the weight of a source Linear whose bias is tuned): their values come from the source file."""
     frozen = tuple(p + "." for p in frozen_prefixes(model))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(frozen)}
+    frozen_params = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()
+            if not k.startswith(frozen) and k not in frozen_params}
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

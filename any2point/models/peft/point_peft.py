@@ -28,7 +28,7 @@ its outputs), so it runs on 3D-pretrained sources only.
 
 **What trains** (as released): the prompts, the cache bottlenecks, the adapters, the shared local
 attention and its norm, and every bias inside the source's blocks (attention output, FFN Linears,
-LayerNorms: bias tuning), besides what trains in every tuner (final norm; the classifier's class
+LayerNorms: bias tuning; :func:`block_biases`), besides what trains in every tuner (final norm; the classifier's class
 token, its position and the head). The pretrained tokenizer and position MLP stay frozen.
 
 Where this differs from the released code (each read there): the released blocks 0-5 gather the
@@ -64,6 +64,13 @@ from any2point.models.projection import Projected, VirtualProjection
 from any2point.registry import MODELS, ConfigError
 
 logger = logging.getLogger("any2point")
+
+
+def block_biases(source: SourceTransformer) -> list[tuple[str, nn.Parameter]]:
+    """Every bias inside the source's blocks (a parameter whose own name contains ``bias``), named as
+    in ``source.state_dict()``."""
+    ids = {id(p) for name, p in source.blocks.named_parameters() if "bias" in name.rsplit(".", 1)[-1]}
+    return [(name, p) for name, p in source.named_parameters() if id(p) in ids]
 
 
 def point_prior_attention(feature: Tensor, bank: Tensor, k: int) -> Tensor:
@@ -245,12 +252,9 @@ class PointPEFT(Tuner):
                               f"PointBERTSource), not '{source.name}'; set the tuner's prompt: false to use the "
                               f"geometry-aware adapter alone")
         if self.tune_biases:
-            for name, module in source.blocks.named_modules():
-                if isinstance(module, (nn.Linear, nn.LayerNorm, nn.MultiheadAttention)):
-                    for pname, param in module.named_parameters(recurse=False):
-                        if "bias" in pname and param is not None:
-                            param.requires_grad_(True)
-                            self._frozen_bias_names.append(f"blocks.{name}.{pname}" if name else f"blocks.{pname}")
+            for name, param in block_biases(source):
+                param.requires_grad_(True)
+                self._frozen_bias_names.append(name)
         if self.use_prompt:
             # The global feature is the pretrained encoder's: keep the biases it had before tuning.
             state = source.state_dict()
