@@ -336,3 +336,89 @@ def test_other_tuners_run_on_a_3d_source(tuner: dict) -> None:
     logits.sum().backward()
     assert logits.shape == (3, 4) and torch.isfinite(logits).all()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------ the released ckpt-best.pth
+
+def released_finetuned_layout() -> dict[str, torch.Tensor]:
+    """Every tensor of Point-PEFT's released MAE ``ckpt-best.pth`` (real names and shapes), random values."""
+    g = torch.Generator().manual_seed(1)
+    state = {k.replace("MAE_encoder.", ""): v for k, v in released_layout("point_mae").items()
+             if k.startswith("module.MAE_encoder.")}
+    shapes = {"cls_token": (1, 1, 384), "cls_pos": (1, 1, 384), "prompt_cor": (10, 3),
+              "blocks.attn1.qkv.weight": (54, 384), "blocks.attn1.proj.weight": (384, 18),
+              "blocks.attn1.proj.bias": (384,), "blocks.norm3.weight": (384,), "blocks.norm3.bias": (384,),
+              "cls_head_finetune.0.weight": (256, 768), "cls_head_finetune.0.bias": (256,),
+              "cls_head_finetune.4.weight": (256, 256), "cls_head_finetune.4.bias": (256,),
+              "cls_head_finetune.8.weight": (15, 256), "cls_head_finetune.8.bias": (15,)}
+    for bn in ("cls_head_finetune.1", "cls_head_finetune.5"):
+        shapes.update({f"{bn}.{n}": (256,) for n in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"{bn}.num_batches_tracked"] = ()
+    for i in range(12):
+        p = f"blocks.blocks.{i}."
+        shapes.update({p + "cp_adapter.ln1.weight": (8, 384), p + "cp_adapter.ln1.bias": (8,),
+                       p + "cp_adapter.ln2.weight": (384, 8), p + "cp_adapter.ln2.bias": (384,),
+                       p + "prompt_embeddings": (10, 384), p + "ad_gate": (1,)})
+        for a in ("adapter", "adapter1"):
+            shapes.update({p + f"{a}.ln1.weight": (16, 384), p + f"{a}.ln1.bias": (16,),
+                           p + f"{a}.ln2.weight": (384, 16), p + f"{a}.ln2.bias": (384,)})
+        shapes.update({p + f"out_transform.0.{n}": (384,) for n in ("weight", "bias", "running_mean", "running_var")})
+        shapes[p + "out_transform.0.num_batches_tracked"] = ()
+    for key, shape in shapes.items():
+        state[f"module.{key}"] = (torch.randint(0, 100, shape, generator=g) if key.endswith("num_batches_tracked")
+                                  else torch.randn(shape, generator=g))
+    return state
+
+
+def test_released_point_peft_checkpoint_converts_strictly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from any2point.engine.checkpoint import load_trainable_state_dict
+    from tools.convert_ckpt import convert
+
+    released = released_finetuned_layout()
+    path = tmp_path / "ckpt-best.pth"
+    torch.save({"base_model": released, "epoch": 250, "metrics": {"acc": 89.1}}, path)
+    ckpt = convert(str(path), "point_peft_scanobjectnn_point_mae", str(tmp_path / "ours.pth"),
+                   overrides=["model.tuner.memory_bank=null"])
+    ours = ckpt["model"]
+    r = {k[len("module."):]: v for k, v in released.items()}
+    assert torch.equal(ours["tuner.prompts"][3], r["blocks.blocks.3.prompt_embeddings"])
+    assert torch.equal(ours["tuner.cache_adapters.5.up.weight"], r["blocks.blocks.5.cp_adapter.ln2.weight"])
+    assert torch.equal(ours["tuner.blocks.7.token_adapter.down.bias"], r["blocks.blocks.7.adapter1.ln1.bias"])
+    assert torch.equal(ours["tuner.blocks.0.pool_norm.running_var"], r["blocks.blocks.0.out_transform.0.running_var"])
+    assert torch.equal(ours["tuner.group_attention.qkv.weight"], r["blocks.attn1.qkv.weight"])
+    assert torch.equal(ours["source.blocks.11.mlp.fc1.bias"], r["blocks.blocks.11.mlp.fc1.bias"])
+    assert torch.equal(ours["cls_pos_embed"], r["cls_pos"])
+    assert torch.equal(ours["head.0.weight"], torch.cat([r["cls_head_finetune.0.weight"][:, 384:],
+                                                         r["cls_head_finetune.0.weight"][:, :384]], dim=1))
+    report = capsys.readouterr().out
+    assert "never uses" in report and "runs without prompts" in report and "prompt coordinates" in report
+    cfg = OmegaConf.create(ckpt["config"])
+    cfg.model.source.pretrained = None
+    model = build_model(cfg.model)
+    load_trainable_state_dict(model, ours, "converted")  # strict: exactly our trainable keys
+
+    bad = dict(released, **{"module.blocks.blocks.0.extra.weight": torch.zeros(1)})
+    torch.save({"base_model": bad}, path)
+    with pytest.raises(CheckpointError, match=r"unknown keys .*blocks\.blocks\.0\.extra\.weight"):
+        convert(str(path), "point_peft_scanobjectnn_point_mae", str(tmp_path / "ours.pth"),
+                overrides=["model.tuner.memory_bank=null"])
+
+
+def test_encode_is_the_released_fine_tuning_forward_with_pe_before_every_block() -> None:
+    torch.manual_seed(0)
+    model = build_model(dict(type="Any2Point", num_classes=4, source=dict(type="PointBERTSource", **TINY),
+                             tuner=dict(type="FrozenSource"))).eval()
+    assert model.pe_injection == "every_block"
+    x = clouds()
+    src = model.source
+    centres, tokens = src.tokenize(x)
+    pos = torch.cat([model.cls_pos_embed.expand(3, -1, -1), src.pos_embed(centres)], dim=1)
+    h = torch.cat([model.cls_token.expand(3, -1, -1), tokens], dim=1)
+    for block in src.blocks:
+        h = h + pos
+        h = h + block.attn(block.norm1(h))
+        h = h + block.mlp(block.norm2(h))
+    h = src.norm(h)
+    encoded = model.encode(x)
+    torch.testing.assert_close(encoded.cls, h[:, 0])
+    torch.testing.assert_close(encoded.tokens, h[:, 1:])
