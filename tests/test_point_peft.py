@@ -422,3 +422,15 @@ def test_encode_is_the_released_fine_tuning_forward_with_pe_before_every_block()
     encoded = model.encode(x)
     torch.testing.assert_close(encoded.cls, h[:, 0])
     torch.testing.assert_close(encoded.tokens, h[:, 1:])
+
+
+@pytest.mark.parametrize("config, released", [("scanobjectnn_point_mae", 0.7e6), ("scanobjectnn_point_bert", 0.6e6)])
+def test_scanobjectnn_configs_are_within_10_percent_of_the_released_counts(config: str, released: float) -> None:
+    """The released README's 0.7M / 0.6M include the head (its full fine-tuning rows, 22.1M, do too)."""
+    from tools.count_params import count_params
+
+    root = Path(__file__).resolve().parents[1]
+    counts = count_params(str(root / f"cfgs/point_peft/{config}.yaml"))
+    assert abs(counts["trainable"] / released - 1) <= 0.10, counts
+    full = count_params(str(root / f"cfgs/point_peft/{config}_full.yaml"))
+    assert abs(full["trainable"] / 22.1e6 - 1) <= 0.005, full
