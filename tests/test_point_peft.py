@@ -434,3 +434,11 @@ def test_scanobjectnn_configs_are_within_10_percent_of_the_released_counts(confi
     assert abs(counts["trainable"] / released - 1) <= 0.10, counts
     full = count_params(str(root / f"cfgs/point_peft/{config}_full.yaml"))
     assert abs(full["trainable"] / 22.1e6 - 1) <= 0.005, full
+
+
+def test_the_pe_figure_names_why_a_3d_source_has_none() -> None:
+    from any2point.errors import UserError
+    from tools.visualize import pe_similarity
+
+    with pytest.raises(UserError, match="3D-pretrained and has none"):
+        pe_similarity(tiny_model(), clouds(1)[0], 0)
