@@ -36,8 +36,9 @@ prompt tokens into the adapter's groups through learnable prompt coordinates ind
 count of another tensor (rows of the wrong sample), and the prompts leave the block anyway: here the
 adapter works on the point tokens only and the coordinates do not exist; the released model keeps
 prompts and cache bottlenecks in blocks 6-11 that nothing uses (half of them, 62k parameters) and an
-unused gate per block: here they are not built; the frozen encoder is run without stochastic depth
-(the released one drops paths of the frozen blocks while training); the global feature comes from
+unused gate per block: here they are not built; the frozen encoder is run in eval mode, without
+stochastic depth and with its BatchNorms' running statistics (the released one trains with drop
+path in the frozen blocks and batch statistics in the frozen group encoder); the global feature comes from
 the same tokens as the classifier (the released code re-groups the cloud into 64 groups for it).
 """
 from __future__ import annotations
