@@ -29,6 +29,7 @@ contract and is not provided.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -43,6 +44,8 @@ from any2point.extensions import furthest_point_sample, group, knn
 from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              residual, single)
 from any2point.registry import MODELS, ConfigError
+
+logger = logging.getLogger("any2point")
 
 WEIGHTS_SOURCE = {
     "point_mae": "https://github.com/Pang-Yatian/Point-MAE (pretrain.pth) or "
@@ -121,8 +124,6 @@ class PointTransformerSource(SourceTransformer):
         group_dim: E, the group encoder's width (Point-MAE: ``dim``; Point-BERT: 256, then a Linear to C).
     """
 
-    name = "point_transformer"
-
     def __init__(self, pretrained: Optional[str] = None, layout: str = "point_mae", dim: int = 384, depth: int = 12,
                  heads: int = 6, mlp_ratio: float = 4.0, num_groups: int = 64, group_size: int = 32,
                  group_dim: int = 384) -> None:
@@ -159,8 +160,8 @@ class PointTransformerSource(SourceTransformer):
     def tokenize(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """``points (B, N, 3) -> centres (B, G, 3), tokens (B, G, C)`` (FPS + kNN + mini-PointNet)."""
         if points.shape[1] < max(self.num_groups, self.group_size):
-            raise ValueError(f"{self.name} groups {self.num_groups} x {self.group_size} points; a cloud of "
-                             f"{points.shape[1]} points is too small")
+            raise ConfigError(f"model.source groups num_groups x group_size = {self.num_groups} x {self.group_size} "
+                              f"points; a cloud of {points.shape[1]} points is too small")
         centres, groups = group_points(points, self.num_groups, self.group_size)
         tokens = self.encoder(groups)
         if self.reduce_dim is not None:
@@ -190,9 +191,11 @@ class PointTransformerSource(SourceTransformer):
     def load_pretrained(self, path: str | Path) -> None:
         """Load a released ``pre-train.pth`` strictly through the layout's key converter."""
         what = f"{self.layout} weights '{path}'"
-        state, _ = CONVERTERS[self.layout](read_pretrain_file(path, what), what)
+        state, dropped = CONVERTERS[self.layout](read_pretrain_file(path, what), what)
         self.load_converted(state, what)
         self.record_weights(path)
+        logger.info("%s: loaded %d tensors; dropped %d of pretraining only (%s)", what, len(state), len(dropped),
+                    ", ".join(sorted({k.split(".")[0] for k in dropped})))
 
     def extra_repr(self) -> str:
         return (f"name={self.name}, dim={self.dim}, depth={self.depth}, groups={self.num_groups}x"

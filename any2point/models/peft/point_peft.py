@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -295,7 +294,8 @@ class PointPEFT(Tuner):
         g = centres.shape[1]
         samples = self.num_samples or max(1, g // 2)
         if self.group_size > g or samples > g:
-            raise ValueError(f"PointPEFT groups {samples} x {self.group_size} tokens; the cloud has {g} tokens")
+            raise ConfigError(f"model.tuner (PointPEFT) groups num_samples x group_size = {samples} x "
+                              f"{self.group_size} tokens; the clouds have {g} tokens")
         return geometry_neighbourhoods(centres, samples, self.group_size, self.num_interp)
 
     def prepare(self, projected: Projected, projection: VirtualProjection) -> PointPEFTContext:
