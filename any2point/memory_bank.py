@@ -44,6 +44,23 @@ def read_memory_bank(path: str | Path) -> Tensor:
     return features.float()
 
 
+def read_bank_source(path: str | Path) -> Mapping[str, Any]:
+    """The identity (``name``, ``weights``, ``sha256``) of the source a bank file was built with."""
+    obj = _load(path, "memory bank")
+    source = obj.get("source") if isinstance(obj, Mapping) else None
+    return source if isinstance(source, Mapping) else {}
+
+
+def check_bank_source(path: str | Path, sha256: Optional[str]) -> None:
+    """Fail when the bank at ``path`` was built with other weights than those of sha256 ``sha256``
+    (unchecked when either is unknown: a converted released bank, a random-init source)."""
+    built = read_bank_source(path).get("sha256")
+    if built is not None and sha256 is not None and built != sha256:
+        raise CheckpointError(f"memory bank '{path}' was built with other source weights (sha256 {built[:12]}...) "
+                              f"than the source loaded here ({sha256[:12]}...); rebuild it with "
+                              f"tools/build_memory_bank.py")
+
+
 def save_memory_bank(features: Tensor, source: Mapping[str, Optional[str]], path: str | Path) -> None:
     """Write a bank file atomically (a temporary file, then a rename)."""
     path = Path(path)

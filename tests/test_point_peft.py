@@ -271,13 +271,24 @@ def write_tiny_pretrained(folder: Path) -> Path:
     return weights
 
 
-def test_a_missing_bank_is_an_error_for_a_pretrained_source(tmp_path: Path) -> None:
+def test_a_missing_or_foreign_bank_is_an_error_for_a_pretrained_source(tmp_path: Path) -> None:
     weights = write_tiny_pretrained(tmp_path)
+
+    def build(bank: Path) -> torch.nn.Module:
+        return build_model(dict(type="Any2Point", num_classes=4,
+                                source=dict(type="PointMAESource", pretrained=str(weights), **TINY),
+                                tuner=dict(type="PointPEFT", num_prompts=4, prompt_depth=2, group_size=4,
+                                           memory_bank=str(bank))))
+
     with pytest.raises(FileNotFoundError, match="build_memory_bank"):
-        build_model(dict(type="Any2Point", num_classes=4, source=dict(type="PointMAESource", pretrained=str(weights),
-                                                                      **TINY),
-                         tuner=dict(type="PointPEFT", num_prompts=4, prompt_depth=2, group_size=4,
-                                    memory_bank=str(tmp_path / "absent.pt"))))
+        build(tmp_path / "absent.pt")
+    save_memory_bank(torch.randn(6, 32), {"name": "point_mae", "weights": "other.pth", "sha256": "ab" * 32},
+                     tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="built with other source weights"):
+        build(tmp_path / "foreign.pt")
+    save_memory_bank(torch.randn(6, 32), {"name": "released cache_shape.pt", "weights": None, "sha256": None},
+                     tmp_path / "released.pt")
+    assert build(tmp_path / "released.pt").tuner.bank.shape == (6, 32)  # a converted release is not checked
 
 
 # ----------------------------------------------------------------------- training, combinations

@@ -56,7 +56,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from any2point.extensions import furthest_point_sample, gather, knn
-from any2point.memory_bank import read_memory_bank
+from any2point.memory_bank import check_bank_source, read_memory_bank
 from any2point.models.adapter import QuickGELU
 from any2point.models.backbones.base import SourceTransformer
 from any2point.models.peft.base import BlockHooks, Tuner
@@ -277,6 +277,7 @@ class PointPEFT(Tuner):
             logger.warning("PointPEFT: memory bank '%s' not found; a random-init source runs without it", path)
             return
         bank = read_memory_bank(path)
+        check_bank_source(path, source.weight_sha256)
         if bank.shape[0] < self.prompt_count - 2:
             raise ConfigError(f"PointPEFT memory_bank '{path}' holds {bank.shape[0]} features; the prompt "
                               f"retrieves {self.prompt_count - 2}")
