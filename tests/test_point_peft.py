@@ -335,7 +335,8 @@ def test_the_global_feature_uses_the_pretrained_biases() -> None:
 
 def test_refused_combinations_name_the_cause() -> None:
     with pytest.raises(ConfigError, match="point-prior prompt needs a 3D-pretrained source"):
-        build_model(dict(type="Any2Point", num_classes=4, source=dict(type="CLIPTextSource", width=32, depth=2, heads=4),
+        build_model(dict(type="Any2Point", num_classes=4,
+                         source=dict(type="CLIPTextSource", width=32, depth=2, heads=4),
                          tokenizer=dict(type="PointPNTokenizer", k=8), tuner=dict(type="PointPEFT", prompt_depth=2)))
     with pytest.raises(ConfigError, match="tuner 'GuidedAdapter' needs the virtual projection"):
         build_model(dict(type="Any2Point", num_classes=4, source=dict(type="PointMAESource", **TINY)))

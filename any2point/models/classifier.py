@@ -2,9 +2,10 @@
 
 ``points (B, N, 3) -> logits (B, num_classes)``: Point-PN tokens ``(B, G, C)`` + the averaged
 virtual-projection PE (a 3D-pretrained source instead embeds its own groups of points and their
-centres, :mod:`any2point.models.backbones.point_transformer`) -> prepend the cls token (+ its PE) and the tuner's prompt tokens, if any ->
-the source's blocks, adapted by the tuner -> the source's final norm -> ``[max over point tokens,
-cls]`` (2C) -> head (2C -> 256 -> 256 -> classes, BN + ReLU + dropout).
+centres, :mod:`any2point.models.backbones.point_transformer`) -> prepend the cls token (+ its PE)
+and the tuner's prompt tokens, if any -> the source's blocks, adapted by the tuner -> the source's
+final norm -> ``[max over point tokens, cls]`` (2C) -> head (2C -> 256 -> 256 -> classes, BN + ReLU +
+dropout).
 
 Trainable: the tokenizer, the projection's own parameters, the classifier's cls token and its PE
 (initialised from the source's when it has them), the tuner's modules and whatever the tuner
@@ -113,7 +114,8 @@ class Any2Point(nn.Module):
     def __init__(self, num_classes: int, source: dict, tokenizer: Optional[dict] = None,
                  projection: Optional[dict] = None, tuner: Optional[dict] = None,
                  head_widths: Sequence[int] = (256, 256), head_dropout: float = 0.5,
-                 head_hidden_bias: bool = True, pe_injection: Optional[PEInjection] = None, random_cls_pos: bool = False,
+                 head_hidden_bias: bool = True, pe_injection: Optional[PEInjection] = None,
+                 random_cls_pos: bool = False,
                  final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None) -> None:
         super().__init__()
         if num_classes < 1:
