@@ -229,6 +229,22 @@ def test_model_runs_with_other_tuners(tuner: dict) -> None:
     model = tiny_seg("dinov2", tuner=tuner)
     batch = synthetic_batch(batch=2)
     assert model(batch["points"], batch["label"]).shape == (2, 128, 16)
+    model.eval()
+    with torch.no_grad():  # the last level is the point tokens, prompt tokens dropped
+        encoded = model.encode(batch["points"], [2])
+    assert encoded.levels[0].shape == encoded.tokens.shape and torch.allclose(encoded.levels[0], encoded.tokens)
+
+
+def test_model_runs_on_a_3d_pretrained_source_with_point_peft() -> None:
+    torch.manual_seed(0)
+    model = build_model(dict(type="Any2PointSeg", num_classes=6, num_parts=16, levels=[1, 3], token_dim=16,
+                             source=dict(type="PointMAESource", dim=32, depth=3, heads=2, num_groups=16, group_size=8),
+                             tuner=dict(type="PointPEFT", num_prompts=4, prompt_depth=2, group_size=4)))
+    batch = synthetic_batch(batch=2)
+    out = model(batch["points"], batch["label"])
+    assert out.shape == (2, 128, 16) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_training_steps_reduce_the_loss() -> None:

@@ -81,7 +81,7 @@ class Any2PointSeg(Any2Point):
     def __init__(self, num_classes: int, num_parts: int, source: dict, tokenizer: Optional[dict] = None,
                  projection: Optional[dict] = None, tuner: Optional[dict] = None,
                  levels: Sequence[int] = (4, 8, 12), token_dim: int = 256, head_widths: Sequence[int] = (256, 128),
-                 head_dropout: float = 0.5, pe_injection: PEInjection = "once", random_cls_pos: bool = False,
+                 head_dropout: float = 0.5, pe_injection: Optional[PEInjection] = None, random_cls_pos: bool = False,
                  final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None) -> None:
         if num_parts < 1:
             raise ConfigError(f"model num_parts must be positive, got {num_parts}")
