@@ -20,6 +20,7 @@ from any2point.models import build_model
 from any2point.models.backbones.base import SourceTransformer
 from any2point.models.backbones.clip_text import CLIPTextSource
 from any2point.models.backbones.imagebind_audio import BiasKVAttention, ImageBindAudioSource
+from any2point.models.peft.lora import LoRA
 
 TINY = {
     "CLIPTextSource": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
@@ -143,20 +144,44 @@ def test_clip_blocks_attend_without_mask_within_each_sample() -> None:
 
 
 def test_clip_forward_block_equals_open_clips_block_values_and_gradients() -> None:
-    """forward_block lays the attention input out sequence-first for speed; the block's own forward
-    on (B, T, C) is the reference, for outputs and for the gradients of input and weights."""
+    """forward_block computes open_clip's attention from its weights (in-projection, SDPA,
+    out-projection); the block's own forward on (B, T, C) is the reference, for outputs and for the
+    gradients of input and weights (equal up to float32 summation order)."""
     torch.manual_seed(0)
     source = tiny("CLIPTextSource")
     block = source.blocks[0]
     x = torch.randn(3, 11, 64, requires_grad=True)
     ours = source.forward_block(0, x)
     reference = block(x)
-    assert torch.equal(ours, reference)
+    torch.testing.assert_close(ours, reference)
     params = list(block.parameters())
     grads = torch.autograd.grad(ours.square().sum(), [x, *params])
     expected = torch.autograd.grad(reference.square().sum(), [x, *params])
     for got, want in zip(grads, expected):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want)
+
+
+def test_clip_forward_block_runs_a_lora_wrapped_attention_with_its_update() -> None:
+    """With LoRA wrapped around a block's attention, forward_block (which reads the weights through
+    the wrapper) equals the block's own forward (which calls the wrapper): values, and gradients of
+    the input and of the LoRA factors (in float64, so summation order does not show)."""
+    torch.manual_seed(0)
+    source = tiny("CLIPTextSource").double()
+    plain = copy.deepcopy(source)
+    LoRA(rank=2, targets=["q", "v", "o"]).attach(source)
+    block = source.blocks[0]
+    lora = [p for name, p in block.named_parameters() if ".lora_" in name]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(std=0.1)  # B starts at zero: give the update a value
+    x = torch.randn(3, 11, 64, dtype=torch.float64, requires_grad=True)
+    ours, reference = source.forward_block(0, x), block(x)
+    torch.testing.assert_close(ours, reference)
+    assert not torch.allclose(ours, plain.forward_block(0, x), atol=1e-3)  # the update takes part
+    grads = torch.autograd.grad(ours.square().sum(), [x, *lora])
+    expected = torch.autograd.grad(reference.square().sum(), [x, *lora])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_clip_official_seq_first_bug_is_attention_across_the_batch() -> None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from any2point.models.backbones.base import SourceTransformer
 from any2point.models.peft.base import Tuner
 from any2point.registry import MODELS, ConfigError, build_from_cfg
+from any2point.utils.activation_checkpoint import checkpoint
 
 logger = logging.getLogger("any2point")
 
@@ -92,6 +93,9 @@ class Any2Point(nn.Module):
             ``injected_args`` of ``dim``, ``depth``, ``num_views`` and ``projection``.
         head_widths: hidden widths of the classification head.
         head_dropout: dropout after each hidden layer of the head.
+        checkpoint_blocks: in training, keep only each source block's input for backward and run
+            the block (with what the tuner put in it) again there (activation checkpointing): less
+            memory for one more forward pass of the blocks.
 
     The released code's behaviour (docs/method.md, "Where the official code differs from the
     paper"), each switch off by default:
@@ -112,7 +116,8 @@ class Any2Point(nn.Module):
                  projection: Optional[dict] = None, tuner: Optional[dict] = None,
                  head_widths: Sequence[int] = (256, 256), head_dropout: float = 0.5,
                  head_hidden_bias: bool = True, pe_injection: PEInjection = "once", random_cls_pos: bool = False,
-                 final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None) -> None:
+                 final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None,
+                 checkpoint_blocks: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
@@ -121,7 +126,7 @@ class Any2Point(nn.Module):
         for key, eps in (("final_norm_eps", final_norm_eps), ("block_norm_eps", block_norm_eps)):
             if eps is not None and eps <= 0:
                 raise ConfigError(f"model {key} must be positive, got {eps}")
-        self.pe_injection = pe_injection
+        self.pe_injection, self.checkpoint_blocks = pe_injection, checkpoint_blocks
         self.source = build_from_cfg(source, MODELS)
         if not isinstance(self.source, SourceTransformer):
             raise ConfigError(f"model source '{source['type']}' is not a SourceTransformer")
@@ -185,12 +190,16 @@ class Any2Point(nn.Module):
             tokens = tokens + projected.pe
         cls = self.cls_token + self.cls_pos_embed if initial else self.cls_token
         x = torch.cat([cls.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
+        checkpoint_blocks = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for index in range(self.source.depth):
             x = self.tuner.enter_block(index, x, context)
             if self.pe_injection != "once":
                 x = x + self._block_pe(projected.pe, x)
             hooks = self.tuner.hooks(index, context)
-            x = self.source.forward_block(index, x, ffn_hook=hooks.ffn, attn_hook=hooks.attn)
+            if checkpoint_blocks:
+                x = checkpoint(self.source.forward_block, index, x, hooks.ffn, hooks.attn)
+            else:
+                x = self.source.forward_block(index, x, ffn_hook=hooks.ffn, attn_hook=hooks.attn)
         x = self.source.norm(x)
         return Encoded(centres=centres, cls=x[:, 0], tokens=x[:, 1 + self.tuner.num_prompts:])
 

@@ -19,10 +19,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
-                                             read_state_dict, residual, single)
+from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer,
+                                             effective_parameter, fused_qkv, read_state_dict, residual, single)
 from any2point.registry import MODELS, ConfigError
 
 WEIGHTS_SOURCE = ("OpenAI (https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84"
@@ -131,6 +132,7 @@ class CLIPTextSource(SourceTransformer):
         self.name = f"CLIPTextSource:{model_name}"
         self.dim = tower.width
         self.depth = len(tower.transformer.resblocks)
+        self.heads = tower.transformer.resblocks[0].attn.num_heads
         self.blocks = tower.transformer.resblocks
         self.norm = tower.ln_final
         self.register_buffer("pos_embed_1d", tower.positional_embedding.detach().clone(), persistent=False)
@@ -146,14 +148,24 @@ class CLIPTextSource(SourceTransformer):
         h = block.ln_1(x)
         if self.official_seq_first_bug:
             # (B, T, C) read as (sequence, batch, C): attention over the batch at each position.
-            a = block.attention(h.transpose(0, 1)).transpose(0, 1)
+            a = self.attention(block.attn, h.transpose(0, 1)).transpose(0, 1)
         else:
-            # The same attention. open_clip's batch-first attention works sequence-first inside; a
-            # (B, T, C) view of a contiguous (T, B, C) tensor keeps its projections on plain matmuls
-            # instead of a broadcast batched matmul (1.3x forward + backward on CPU, same result).
-            a = block.attention(h.transpose(0, 1).contiguous().transpose(0, 1))
+            a = self.attention(block.attn, h)
         x = residual(attn_hook, x, block.ls_1(a))
         return residual(ffn_hook, x, block.ls_2(block.mlp(block.ln_2(x))))
+
+    def attention(self, attn: nn.Module, h: Tensor) -> Tensor:
+        """open_clip's block attention (a batch-first ``nn.MultiheadAttention`` without mask or
+        dropout) on ``h (B, T, C)``, computed as the fused in-projection, ``scaled_dot_product_attention``
+        and the out-projection: 1.3x faster forward + backward than the module on CPU, where its
+        batch-first layout turns the projections into broadcast batched matmuls. The weights are
+        read through :func:`~any2point.models.backbones.base.effective_parameter`, so an attention
+        wrapped by LoRA runs with its updates."""
+        b, t, c = h.shape
+        qkv = F.linear(h, effective_parameter(attn, "in_proj_weight"), effective_parameter(attn, "in_proj_bias"))
+        q, k, v = qkv.unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        return F.linear(out, effective_parameter(attn, "out_proj.weight"), effective_parameter(attn, "out_proj.bias"))
 
     def attention_weights(self, index: int) -> list[AttentionWeight]:
         """open_clip's ``nn.MultiheadAttention``: fused ``in_proj_weight`` and ``out_proj.weight``."""

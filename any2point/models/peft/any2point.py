@@ -22,6 +22,7 @@ from any2point.models.backbones.base import ResidualHook
 from any2point.models.peft.base import BlockHooks, Tuner
 from any2point.models.projection import CellKind, Projected, VirtualProjection
 from any2point.registry import MODELS, ConfigError
+from any2point.utils.activation_checkpoint import checkpoint as checkpointed
 
 GuidanceKind = Literal["source", "1d", "2d", "3d"]
 Position = Literal["after", "before", "parallel"]
@@ -85,6 +86,10 @@ class GuidedAdapter(Tuner):
         dense_cell_norm: the per-view batch norms take their training statistics over every cell of
             the plane or line, empty ones as zero rows, as the released code did (docs/method.md
             deviation 5; identical in eval mode); default off: over the cells that hold tokens.
+        checkpoint: in training, keep only the input of each block's guided branch for backward and
+            run the branch again there (activation checkpointing): the branch's per-view tensors
+            ``(B, M, G, C)`` are most of the adapters' memory, their FLOPs a small part of the step.
+            The running statistics of its batch norms are updated once.
     """
 
     injected_args = ("dim", "depth", "num_views", "projection")
@@ -94,7 +99,7 @@ class GuidedAdapter(Tuner):
                  pool: Pool = "mean", guidance: GuidanceKind = "source", cell_size: Optional[float] = None,
                  voxel_size: float = 0.08, ensemble: bool = True, position: Position = "after",
                  insert_depth: Optional[int] = None, projection: Optional[VirtualProjection] = None,
-                 dense_cell_norm: bool = False) -> None:
+                 dense_cell_norm: bool = False, checkpoint: bool = True) -> None:
         super().__init__()
         for key, value, allowed in (("pool", pool, Pool), ("guidance", guidance, GuidanceKind),
                                     ("position", position, Position)):
@@ -109,7 +114,7 @@ class GuidedAdapter(Tuner):
         self.scale, self.coef, self.pool = scale, coef, pool
         self.guidance, self.cell_size, self.voxel_size = guidance, cell_size, voxel_size
         self.ensemble, self.position, self.insert_depth = ensemble, position, insert_depth
-        self.dense_cell_norm = dense_cell_norm
+        self.dense_cell_norm, self.checkpoint = dense_cell_norm, checkpoint
         if dense_cell_norm and guidance == "3d":
             raise ConfigError("adapter dense_cell_norm needs cells of a line or plane (guidance 3d has none)")
         self.local_attention = ViewLocalAttention(num_views, dim, attn_dim, attn_heads)
@@ -157,11 +162,14 @@ class GuidedAdapter(Tuner):
         return BlockHooks(ffn=self.hook(index, context))
 
     def _forward_block(self, block: AdapterBlock, context: GuidanceContext, x: Tensor, f: Tensor) -> Tensor:
+        guide = self._guide
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            guide = functools.partial(checkpointed, self._guide)
         if self.position == "after":
-            return self._guide(block, context, x + f + self.scale * block.bottleneck(f))
+            return guide(block, context, x + f + self.scale * block.bottleneck(f))
         if self.position == "parallel":
-            return self._guide(block, context, x + f + self.scale * block.bottleneck(x))
-        return self._guide(block, context, x + self.scale * block.bottleneck(x)) + f
+            return guide(block, context, x + f + self.scale * block.bottleneck(x))
+        return guide(block, context, x + self.scale * block.bottleneck(x)) + f
 
     def _guide(self, block: AdapterBlock, context: GuidanceContext, z: Tensor) -> Tensor:
         """The guided branch on the point tokens of ``z (B, 1 + G, C)``; the cls token passes."""
@@ -187,4 +195,5 @@ class GuidedAdapter(Tuner):
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, coef={self.coef}, pool={self.pool}, guidance={self.guidance}, "
                 f"cell_size={self.cell_size}, voxel_size={self.voxel_size}, ensemble={self.ensemble}, "
-                f"position={self.position}, insert_depth={self.insert_depth}, dense_cell_norm={self.dense_cell_norm}")
+                f"position={self.position}, insert_depth={self.insert_depth}, dense_cell_norm={self.dense_cell_norm}, "
+                f"checkpoint={self.checkpoint}")
