@@ -70,7 +70,7 @@ class GroupedBatchNorm(nn.Module):
             counts = present_rows if rows_per_group is None else torch.full_like(present_rows, rows_per_group)
             zeros = x32.new_zeros(self.num_groups, x32.shape[1])
             mean = zeros.index_add(0, group, x32) / counts.clamp_min(1)
-            centred = x32 - mean[group]
+            centred = x32 - mean.index_select(0, group)
             var = zeros.index_add(0, group, centred.square())
             if rows_per_group is not None:
                 var = var + (counts - present_rows) * mean.square()  # the absent zero rows
@@ -78,10 +78,11 @@ class GroupedBatchNorm(nn.Module):
             if not is_recomputing():
                 self._update_running_stats(mean, var, counts)
         else:
-            centred = x32 - self.running_mean[group]
+            centred = x32 - self.running_mean.index_select(0, group)
             var = self.running_var
-        weight, bias = torch.stack(list(self.weight)), torch.stack(list(self.bias))
-        out = centred * torch.rsqrt(var[group] + self.eps) * weight[group] + bias[group]
+        # Per group first, then one gather each (index_select: its backward is a plain index_add).
+        scale = torch.stack(list(self.weight)) * torch.rsqrt(var + self.eps)
+        out = centred * scale.index_select(0, group) + torch.stack(list(self.bias)).index_select(0, group)
         return out.to(x.dtype)
 
     @torch.no_grad()

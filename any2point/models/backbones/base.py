@@ -48,16 +48,6 @@ def residual(hook: Optional[ResidualHook], x: Tensor, branch: Tensor) -> Tensor:
     return hook(x, branch) if hook is not None else x + branch
 
 
-def effective_parameter(module: nn.Module, name: str) -> Tensor:
-    """Parameter ``name`` (dotted: ``out_proj.weight``) of ``module`` as its forward computes with it.
-
-    A source that runs a module's computation itself, from its weights, reads them here: a tuner
-    that wraps the module and substitutes some of its weights (LoRA's ``W + B A``) answers through
-    the wrapper's own ``effective_parameter``; a plain module gives its parameter."""
-    substitute = getattr(module, "effective_parameter", None)
-    return substitute(name) if substitute is not None else module.get_parameter(name)
-
-
 @dataclass(frozen=True)
 class AttentionWeight:
     """One weight tensor of a block's attention that holds some of its projections.

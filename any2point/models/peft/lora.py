@@ -12,9 +12,7 @@ layers (transformers encoders), or one fused weight holding q, k and v as row bl
 ``peft`` adapts whole ``nn.Linear`` modules, so it cannot put LoRA on q and v alone of a fused
 weight; this module does both layouts the same way: :class:`LoRAWrapper` replaces the module that
 owns the weights and runs the original module with ``W + delta`` substituted
-(``torch.func.functional_call``), whatever its forward does with them; a source that computes the
-attention from the weights itself (the CLIP text tower) asks the wrapper for them
-(:meth:`LoRAWrapper.effective_parameter`). The original module stays
+(``torch.func.functional_call``), whatever its forward does with them. The original module stays
 inside, frozen, as ``base``: checkpoints hold only ``lora_A`` / ``lora_B``.
 """
 from __future__ import annotations
@@ -87,12 +85,6 @@ class LoRAWrapper(nn.Module):
         """``W + delta`` of weight ``param``."""
         weight = self.base.get_parameter(param)
         return weight + self.delta(param).to(weight.dtype)
-
-    def effective_parameter(self, param: str) -> Tensor:
-        """Weight ``param`` of ``base`` as the wrapped forward uses it: ``W + delta`` where adapted (a
-        source that computes with the weights itself reads them through
-        :func:`~any2point.models.backbones.base.effective_parameter`)."""
-        return self.merged(param) if param in self.rows else self.base.get_parameter(param)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return functional_call(self.base, {param: self.merged(param) for param in self.rows}, args, kwargs)
