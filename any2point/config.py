@@ -272,6 +272,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"missing required key '{key}'")
     _validate_dataclass(cfg.train, TrainConfig, "train", cfg)
     _validate_dataclass(cfg.experiment, ExperimentConfig, "experiment", cfg)
+    if cfg.experiment.seed < 0:
+        raise ConfigError(f"experiment.seed must be >= 0, got {cfg.experiment.seed}{_origin(cfg, 'experiment.seed')}")
     for section, registry in SECTION_REGISTRY.items():
         node = cfg[section]
         if not isinstance(node, DictConfig) or "type" not in node:

@@ -22,6 +22,7 @@ from any2point.engine.metrics import Metrics, confusion_matrix
 from any2point.engine.optim import build_optimizer, build_scheduler
 from any2point.engine.evaluate import evaluate_checkpoint
 from any2point.engine.trainer import BEST, LAST, Trainer
+from any2point.registry import ConfigError
 from any2point.errors import CheckpointError, ExperimentError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,18 @@ def test_paper_protocol_selects_on_test(tmp_path: Path) -> None:
     assert trainer.train_set.split == "trainval" and trainer.select_loader.dataset.split == "test"
     trainer.fit()
     assert "protocol paper" in (tmp_path / "exp/paper/log.txt").read_text()
+
+
+def test_experiment_seed_selects_the_augmentation_streams(tmp_path: Path) -> None:
+    streams = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        trainer = Trainer(load_config(tiny_config(tmp_path, name, experiment={"seed": seed})))
+        train_set = trainer.train_set
+        assert train_set.run_seed == seed and train_set.transform.transforms  # the tiny config augments
+        streams[name] = torch.stack([train_set[i]["points"] for i in range(4)])
+    assert torch.equal(streams["a"], streams["b"]) and not torch.equal(streams["a"], streams["c"])
+    with pytest.raises(ConfigError, match="experiment.seed must be >= 0"):
+        load_config(tiny_config(tmp_path, "negative", experiment={"seed": -1}))
 
 
 def test_main_reports_misspelt_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

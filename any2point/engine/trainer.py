@@ -154,6 +154,7 @@ class Trainer:
                               f"by the number of processes ({world})")
         seed = cfg.experiment.seed
         self.train_set = build_dataset(cfg.dataset, train_split)
+        self.train_set.set_run_seed(seed)
         self.task = build_task(self.train_set, t.label_smoothing)
         self.num_classes = self.train_set.num_classes
         self._check_num_classes()
