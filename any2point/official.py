@@ -41,13 +41,14 @@ class OfficialRun:
 
     name: str
     released_file: str
-    layout: str  # "openpoints" (ScanObjectNN) or "pointmae" (ModelNet40)
+    layout: str  # "openpoints" (ScanObjectNN) or "pointmae" (ModelNet40, and Point-PEFT's runs)
     reported_oa: float
     download: str
+    config: Optional[str] = None  # the preset, when not cfgs/official/<name>.yaml
 
     @property
     def preset(self) -> str:
-        return f"cfgs/official/{self.name}.yaml"
+        return self.config or f"cfgs/official/{self.name}.yaml"
 
 
 _DRIVE = "https://drive.google.com/file/d/{}/view?usp=sharing"
@@ -221,14 +222,19 @@ def map_key(part: str, key: str, layout: str, imagebind: bool) -> tuple[Optional
     return None, None, False
 
 
+Mapper = Callable[[str], tuple[Optional[Target], Optional[str], bool]]
+
+
 def convert_state(state: Mapping[str, Tensor], layout: str, expected: Mapping[str, torch.Size],
                   frozen_expected: Mapping[str, torch.Size], imagebind: bool = False,
-                  frozen_allowed_missing: Optional[Mapping[str, str]] = None) -> Conversion:
+                  frozen_allowed_missing: Optional[Mapping[str, str]] = None,
+                  mapper: Optional[Mapper] = None) -> Conversion:
     """Map a released state dict onto our model, strictly.
 
     ``expected``: our trainable keys and shapes; ``frozen_expected``: our frozen source keys
     (``source.blocks.*``) and shapes, of which ``frozen_allowed_missing`` (key -> reason) may be
-    absent from the file. Every released tensor must map or be dropped for a stated reason; every
+    absent from the file; ``mapper`` maps a released key in place of the Any2Point layouts' rules
+    (:func:`map_key`). Every released tensor must map or be dropped for a stated reason; every
     expected key (each row of a stacked one) must be filled exactly once with the right shape.
     Otherwise a :class:`CheckpointError` names the keys.
     """
@@ -237,8 +243,11 @@ def convert_state(state: Mapping[str, Tensor], layout: str, expected: Mapping[st
     unknown, wrong_shape, duplicate = [], [], []
     rows: dict[str, dict[int, Tensor]] = {}
     for key, value in state.items():
-        part, inner = strip_prefix(key, layout)
-        target, reason, frozen = map_key(part, inner, layout, imagebind) if part else (None, None, False)
+        if mapper is not None:
+            target, reason, frozen = mapper(key)
+        else:
+            part, inner = strip_prefix(key, layout)
+            target, reason, frozen = map_key(part, inner, layout, imagebind) if part else (None, None, False)
         if target is None:
             if reason is None:
                 unknown.append(key)
@@ -290,16 +299,17 @@ def convert_state(state: Mapping[str, Tensor], layout: str, expected: Mapping[st
     return out
 
 
-def model_keys(model: torch.nn.Module) -> tuple[dict[str, torch.Size], dict[str, torch.Size], dict[str, str]]:
+def model_keys(model: torch.nn.Module, frozen_prefix: str = "source.blocks."
+               ) -> tuple[dict[str, torch.Size], dict[str, torch.Size], dict[str, str]]:
     """What a released file must fill in ``model`` (built from the run's preset, on any device,
-    ``meta`` included): our trainable keys and shapes, the frozen source's ``source.blocks.*`` keys
-    and shapes, and the frozen keys the released files do not hold (key -> reason)."""
-    from any2point.engine.checkpoint import frozen_prefixes
+    ``meta`` included): our trainable keys and shapes, the frozen source's keys under
+    ``frozen_prefix`` (the blocks; all of it for Point-PEFT's files) and shapes, and the frozen keys
+    the released files do not hold (key -> reason)."""
+    from any2point.engine.checkpoint import trainable_keys
 
-    frozen = tuple(p + "." for p in frozen_prefixes(model))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    expected = {k: s for k, s in shapes.items() if not k.startswith(frozen)}
-    frozen_expected = {k: s for k, s in shapes.items() if k.startswith("source.blocks.")}
+    expected = {k: shapes[k] for k in trainable_keys(model)}
+    frozen_expected = {k: s for k, s in shapes.items() if k.startswith(frozen_prefix) and k not in expected}
     absent = {k: ("ImageBind's bias key / value: not in the released file (the released code's attention has "
                   "none, deviation 8); unused with official_plain_qkv")
               for k in frozen_expected if k.endswith(("attn.bias_k", "attn.bias_v"))}
@@ -316,3 +326,71 @@ def compare_frozen(released: Mapping[str, Tensor], source: Mapping[str, Tensor],
         if diff > atol:
             differ.append(f"{key} (max abs diff {diff:.3g})")
     return differ
+
+
+# ------------------------------------------------------------------ Point-PEFT's released run
+
+#: Point-PEFT's released fine-tuned Point-MAE (the official README's "Ckpt Release" / "Fine-tuning",
+#: MAE ``ckpt-best.pth``); its model is rebuilt by our Point-PEFT config, not a deviation preset.
+POINT_PEFT_RUNS: dict[str, OfficialRun] = {run.name: run for run in (
+    OfficialRun("point_peft_scanobjectnn_point_mae", "ckpt-best.pth", "pointmae", 89.1,
+                _DRIVE.format("1HnxCjLtuSMRintUPDjpCnpSbpLIzjdRW"), "cfgs/point_peft/scanobjectnn_point_mae.yaml"),
+)}
+
+_PP_BLOCK_PARTS = {"adapter.ln1": "ffn_adapter.down", "adapter.ln2": "ffn_adapter.up",
+                   "adapter1.ln1": "token_adapter.down", "adapter1.ln2": "token_adapter.up",
+                   "out_transform.0": "pool_norm"}
+_PP_SOURCE_BIASES = ("norm1.bias", "norm2.bias", "attn.proj.bias", "mlp.fc1.bias", "mlp.fc2.bias")
+
+
+def point_peft_mapper(prompt_depth: int) -> Mapper:
+    """The key map of Point-PEFT's released ``PointTransformer_best`` (``module.``-prefixed keys under
+    ``base_model``) onto our :class:`~any2point.models.peft.point_peft.PointPEFT` model whose first
+    ``prompt_depth`` blocks carry prompts; see :func:`convert_state` for the return value."""
+
+    def mapper(key: str) -> tuple[Optional[Target], Optional[str], bool]:
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key in ("cls_token", "cls_pos"):
+            return Target("cls_token" if key == "cls_token" else "cls_pos_embed"), None, False
+        if key == "prompt_cor":
+            return None, ("learnable prompt coordinates: the released adapter groups the prompts with them, "
+                          "indexing rows of other samples; ours groups point tokens only"), False
+        m = re.fullmatch(r"cls_head_finetune\.(0|1|4|5|8)\.(.+)", key)
+        if m:
+            ours = f"head.{m.group(1)}.{m.group(2)}"
+            return Target(ours, transform=swap_halves if ours == "head.0.weight" else None), None, False
+        if re.fullmatch(r"norm\.(weight|bias)", key):
+            return Target(f"source.{key}"), None, False
+        if key.startswith(("encoder.", "pos_embed.")):
+            return Target(f"source.{key}"), None, True
+        m = re.fullmatch(r"blocks\.(attn1\.(?:qkv|proj)|norm3)\.(weight|bias)", key)
+        if m:
+            part = "norm" if m.group(1) == "norm3" else m.group(1).split(".")[1]
+            return Target(f"tuner.group_attention.{part}.{m.group(2)}"), None, False
+        m = re.fullmatch(r"blocks\.blocks\.(\d+)\.(.+)", key)
+        if not m:
+            return None, None, False
+        block, inner = int(m.group(1)), m.group(2)
+        if inner in _PP_SOURCE_BIASES:
+            return Target(f"source.blocks.{block}.{inner}"), None, False
+        if re.fullmatch(r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", inner):
+            return Target(f"source.blocks.{block}.{inner}"), None, True
+        if inner == "ad_gate":
+            return None, "a gate the released block defines and never uses", False
+        prompted = block < prompt_depth
+        if inner == "prompt_embeddings":
+            if not prompted:
+                return None, "prompts of a block the released code runs without prompts", False
+            return Target("tuner.prompts", row=block), None, False
+        m = re.fullmatch(r"cp_adapter\.(ln1|ln2)\.(weight|bias)", inner)
+        if m:
+            if not prompted:
+                return None, "cache bottleneck of a block the released code runs without prompts", False
+            side = "down" if m.group(1) == "ln1" else "up"
+            return Target(f"tuner.cache_adapters.{block}.{side}.{m.group(2)}"), None, False
+        for theirs, ours in _PP_BLOCK_PARTS.items():
+            if inner.startswith(theirs + "."):
+                return Target(f"tuner.blocks.{block}.{ours}{inner[len(theirs):]}"), None, False
+        return None, None, False
+
+    return mapper

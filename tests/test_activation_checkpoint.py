@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from any2point import build_model
 from any2point.engine.optim import build_optimizer
 from any2point.models.adapter import GroupedBatchNorm
+from any2point.registry import ConfigError
 from any2point.utils.activation_checkpoint import checkpoint, is_recomputing
 from tests.conftest import TINY_SOURCES
 
@@ -101,3 +102,9 @@ def test_batch_norm_in_a_checkpoint_updates_running_stats_once():
     torch.testing.assert_close(norm.running_var, reference.running_var)
     expected = torch.autograd.grad(reference(x, group).square().sum(), x)[0]
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_block_checkpointing_refuses_a_tuner_with_torch_batch_norms():
+    with pytest.raises(ConfigError, match="checkpoint_blocks.*BatchNorm"):
+        build_model(dict(type="Any2Point", num_classes=5, source=TINY_SOURCES["clip_text"], checkpoint_blocks=True,
+                         tuner=dict(type="PointPEFT", prompt=False)))

@@ -17,7 +17,8 @@ from any2point import build_model, load_config
 from any2point.engine import checkpoint
 from any2point.errors import CheckpointError
 from main import main as main_entry
-from any2point.official import RUNS, compare_frozen, convert_state, model_keys, read_released, swap_halves
+from any2point.official import (POINT_PEFT_RUNS, RUNS, compare_frozen, convert_state, model_keys, read_released,
+                                swap_halves)
 from tools.convert_ckpt import RUN_NAMES
 from tools.convert_ckpt import main as convert_main
 from tests.conftest import TINY_SOURCES as BASE_SOURCES
@@ -188,7 +189,7 @@ OFFICIAL_TRAINABLE = {"scanobjectnn_clip_text": 1_411_943, "scanobjectnn_dinov2"
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_full_size_presets_take_a_full_size_released_layout(run):
-    assert RUN_NAMES == tuple(RUNS) and (ROOT / RUNS[run].preset).is_file()
+    assert RUN_NAMES == tuple(RUNS) + tuple(POINT_PEFT_RUNS) and (ROOT / RUNS[run].preset).is_file()
     cfg = load_config(ROOT / RUNS[run].preset, ["model.source.pretrained=null"])
     with torch.device("meta"):
         model = build_model(cfg.model)

@@ -52,7 +52,7 @@ SWITCHES = [
     (VirtualProjection, "pe_2d_scramble", False),
     (GuidedAdapter, "dense_cell_norm", False),
     (Any2Point, "head_hidden_bias", True),
-    (Any2Point, "pe_injection", "once"),
+    (Any2Point, "pe_injection", None),  # once for 1D/2D sources; a 3D-pretrained source was pretrained so
     (Any2Point, "random_cls_pos", False),
     (Any2Point, "final_norm_eps", None),
     (Any2Point, "block_norm_eps", None),

@@ -39,7 +39,7 @@ def test_dry_run_commands_are_valid(script: str, args: list[str], gpus: str, vot
                    FOLDS="0 1")
     assert proc.returncode == 0, proc.stderr
     lines = [shlex.split(line) for line in proc.stdout.splitlines() if not line.startswith("python -c")]
-    trained, tested, tables = [], [], []
+    trained, tested, tables, banks = [], [], [], []
     for command in lines:
         if "main.py" in command:
             assert command[0] == ("python" if gpus == "1" else "torchrun")
@@ -49,11 +49,14 @@ def test_dry_run_commands_are_valid(script: str, args: list[str], gpus: str, vot
             if args_.test:
                 tested.append((args_.ckpt, args_.vote, args_.results))
             else:
+                assert not banks or banks[-1] == args_.config or "_full" in args_.config
                 cfg = load_config(args_.config, args_.overrides)
                 assert cfg.train.epochs == 1 and cfg.experiment.output_dir == "exp_dry"
                 trained.append(f"exp_dry/{cfg.experiment.name}")
         elif command[1] == "tools/collect_results.py":
             tables.append(command)
+        elif command[1] == "tools/build_memory_bank.py":  # Point-PEFT's bank, of the config trained next
+            banks.append(command[command.index("--config") + 1])
         else:  # the demo's predict and figures, on the checkpoint it trained
             assert command[1] in ("tools/predict.py", "tools/visualize.py"), command
             assert command[command.index("--ckpt") + 1] == f"{trained[0]}/ckpt-best.pth"

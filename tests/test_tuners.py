@@ -48,6 +48,8 @@ TUNERS = {
     "prompt_tuning": dict(type="PromptTuning", num_prompts=3),
     "adapter_tuning": dict(type="AdapterTuning", bottleneck=4),
     "lora": dict(type="LoRA", rank=2, targets=["q", "k", "v", "o"]),
+    # Point-PEFT's geometry-aware adapter alone (its prompt needs a 3D-pretrained source): bias tuning.
+    "point_peft": dict(type="PointPEFT", prompt=False, group_size=4),
 }
 # Every tuner on the three paper sources; the guided adapter and LoRA (which reaches into the
 # source's own attention layout) on every source family.
@@ -71,12 +73,19 @@ def points(batch: int = 3, n: int = 128) -> torch.Tensor:
 LABELS = torch.tensor([0, 1, 3])
 
 
-def declared_trainable(name: str, tuner: str) -> bool:
+def declared_trainable(name: str, tuner: str, block_biases: frozenset[str] = frozenset()) -> bool:
     """What each tuner says trains, by structure: everything outside the source; inside it, the
-    final norm, LoRA's factors, or (full fine-tuning) everything."""
+    final norm, LoRA's factors, Point-PEFT's ``block_biases`` (the source's names of the biases
+    inside its blocks), or (full fine-tuning) everything."""
     if not name.startswith("source."):
         return True
-    return tuner == "full_finetune" or name.startswith("source.norm.") or ".lora_" in name
+    return (tuner == "full_finetune" or name.startswith("source.norm.") or ".lora_" in name
+            or (tuner == "point_peft" and name in block_biases))
+
+
+def block_bias_names(model: nn.Module) -> frozenset[str]:
+    ids = {id(p) for n, p in model.source.blocks.named_parameters() if "bias" in n.rsplit(".", 1)[-1]}
+    return frozenset(f"source.{n}" for n, p in model.source.named_parameters() if id(p) in ids)
 
 
 @pytest.mark.parametrize("source, tuner", CASES)
@@ -86,8 +95,9 @@ def test_steps_change_exactly_the_declared_trainable_tensors(source: str, tuner:
     source_modes = {m.training for m in model.source.modules()}
     assert source_modes == ({True} if tuner == "full_finetune" else {False})
     assert model.tokenizer.training and model.head.training
+    biases = block_bias_names(model)
     for name, p in model.named_parameters():
-        assert p.requires_grad == declared_trainable(name, tuner), name
+        assert p.requires_grad == declared_trainable(name, tuner, biases), name
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tables = {name: getattr(model.source, name).clone() for name in model.source.table_names()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -116,7 +126,8 @@ def test_checkpoint_holds_the_trainable_state_and_round_trips(source: str, tuner
         F.cross_entropy(model(points()), LABELS).backward()
         optimizer.step()
     state = trainable_state_dict(model)
-    frozen_in_state = [k for k in state if k.startswith("source.") and not declared_trainable(k, tuner)]
+    biases = block_bias_names(model)
+    frozen_in_state = [k for k in state if k.startswith("source.") and not declared_trainable(k, tuner, biases)]
     assert frozen_in_state == []  # adapter-only checkpoints; full fine-tuning saves the whole source
     if tuner == "full_finetune":
         assert set(model.source.state_dict()) == {k[len("source."):] for k in state if k.startswith("source.")}

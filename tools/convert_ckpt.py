@@ -1,8 +1,10 @@
-"""Convert a released Any2Point checkpoint into one of ours:
+"""Convert a released Any2Point or Point-PEFT checkpoint into one of ours:
 ``python tools/convert_ckpt.py --official FILE.pth --run RUN --out OUT.pth``.
 
-``RUN`` names one of the six released runs (``any2point.official.RUNS``); its preset
-``cfgs/official/RUN.yaml`` rebuilds the official model exactly and is stored in ``OUT.pth``, so
+``RUN`` names one of the six released Any2Point runs (``any2point.official.RUNS``), whose preset
+``cfgs/official/RUN.yaml`` rebuilds the official model exactly, or Point-PEFT's released Point-MAE
+run ``point_peft_scanobjectnn_point_mae`` (``ckpt-best.pth``; ``any2point.official.POINT_PEFT_RUNS``,
+preset ``cfgs/point_peft/scanobjectnn_point_mae.yaml``). The preset is stored in ``OUT.pth``, so
 ``python main.py --test --ckpt OUT.pth`` evaluates it with the official test protocol. Every
 released tensor is mapped or dropped for a stated reason (printed); an unknown key, a missing one or
 a shape mismatch is an error naming the keys. The released file also carries the frozen source's
@@ -21,7 +23,8 @@ from any2point.errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_NAMES = ("scanobjectnn_clip_text", "scanobjectnn_dinov2", "scanobjectnn_imagebind_audio",
-             "modelnet40_clip_text", "modelnet40_dinov2", "modelnet40_imagebind_audio")
+             "modelnet40_clip_text", "modelnet40_dinov2", "modelnet40_imagebind_audio",
+             "point_peft_scanobjectnn_point_mae")
 
 
 def _plain(value: Any) -> Any:
@@ -42,10 +45,12 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
 
     from any2point import build_model, load_config
     from any2point.engine.checkpoint import save_atomic
-    from any2point.official import RUNS, compare_frozen, convert_state, model_keys, read_released
+    from any2point.official import (POINT_PEFT_RUNS, RUNS, compare_frozen, convert_state, model_keys,
+                                    point_peft_mapper, read_released)
     from any2point.registry import MODELS, build_from_cfg
 
-    run = RUNS[run_name]
+    point_peft = run_name in POINT_PEFT_RUNS
+    run = POINT_PEFT_RUNS[run_name] if point_peft else RUNS[run_name]
     state, meta = read_released(official, run)
     cfg = load_config(config if config is not None else ROOT / run.preset, overrides)
     source_cfg = cfg.model.source
@@ -53,9 +58,14 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
     source_cfg.pretrained = None
     with torch.device("meta"):
         model = build_model(cfg.model)
-    expected, frozen_expected, absent = model_keys(model)
-    imagebind = source_cfg.type == "ImageBindAudioSource"
-    conversion = convert_state(state, run.layout, expected, frozen_expected, imagebind, absent)
+    if point_peft:
+        expected, frozen_expected, absent = model_keys(model, frozen_prefix="source.")
+        conversion = convert_state(state, run.layout, expected, frozen_expected, frozen_allowed_missing=absent,
+                                   mapper=point_peft_mapper(model.tuner.prompt_depth))
+    else:
+        expected, frozen_expected, absent = model_keys(model)
+        imagebind = source_cfg.type == "ImageBindAudioSource"
+        conversion = convert_state(state, run.layout, expected, frozen_expected, imagebind, absent)
 
     identity = None
     if source_file is not None and Path(source_file).exists():
@@ -81,8 +91,8 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
                          **{k: _plain(meta[k]) for k in ("best_val", "best_metrics", "metrics") if k in meta}}}
     save_atomic(ckpt, out)
 
-    groups: Counter = Counter(ours.split(".")[0] if not ours.startswith("source.norm") else "source.norm"
-                              for _, ours in conversion.mapped if not ours.startswith("source.blocks."))
+    groups: Counter = Counter(".".join(ours.split(".")[:2]) if ours.startswith("source.") else ours.split(".")[0]
+                              for _, ours in conversion.mapped if ours not in conversion.frozen)
     print(f"{official} ({run.layout} layout, run {run.name}): {len(state)} tensors")
     print(f"mapped {sum(groups.values())} into {len(conversion.model)} of our tensors: "
           + ", ".join(f"{name} {count}" for name, count in sorted(groups.items())))
@@ -92,7 +102,7 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
     for key, reason in conversion.dropped:
         reasons[reason].append(key)
     reasons[f"frozen source weight (loaded from the source file instead): {frozen_note}"] = [
-        key for key, ours in conversion.mapped if ours.startswith("source.blocks.")]
+        key for key, ours in conversion.mapped if ours in conversion.frozen]
     dropped_meta = sorted(meta)
     print(f"dropped {sum(len(v) for v in reasons.values())} tensors and the entries {dropped_meta} "
           f"(training state: optimizer, schedule, epoch, accuracies):")

@@ -185,6 +185,9 @@ def pe_similarity(model: nn.Module, points: Tensor, index: int) -> tuple[Tensor,
     from any2point.models.projection import normalize_to_unit_sphere, sample_table_1d, sample_table_2d
 
     source, projection = model.source, model.projection
+    if projection is None:
+        raise UserError(f"the PE figure shows the virtual projection; source '{source.name}' is 3D-pretrained "
+                        f"and has none")
     unit = normalize_to_unit_sphere(points[None].float())
     if source.modality_dim == 1:
         per_view = sample_table_1d(source.pos_embed_1d.float(), projection.positions(unit, "1d"))[0]

@@ -39,10 +39,19 @@ def frozen_prefixes(model: nn.Module) -> list[str]:
     return out
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the frozen submodules (their weights come from the source file)."""
+def trainable_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys a checkpoint holds: all but the frozen submodules' and the frozen parameters
+    of the others (e.g. the weight of a source Linear whose bias is tuned); those come from the source
+    file. Works on the ``meta`` device."""
     frozen = tuple(p + "." for p in frozen_prefixes(model))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(frozen)}
+    frozen_params = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return [k for k in model.state_dict() if not k.startswith(frozen) and k not in frozen_params]
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`trainable_keys`, on the CPU."""
+    state = model.state_dict()
+    return {k: state[k].detach().cpu() for k in trainable_keys(model)}
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

@@ -1,9 +1,11 @@
 """The assembled Any2Point classifier (paper sec. 3).
 
 ``points (B, N, 3) -> logits (B, num_classes)``: Point-PN tokens ``(B, G, C)`` + the averaged
-virtual-projection PE -> prepend the cls token (+ its PE) and the tuner's prompt tokens, if any ->
-the source's blocks, adapted by the tuner -> the source's final norm -> ``[max over point tokens,
-cls]`` (2C) -> head (2C -> 256 -> 256 -> classes, BN + ReLU + dropout).
+virtual-projection PE (a 3D-pretrained source instead embeds its own groups of points and their
+centres, :mod:`any2point.models.backbones.point_transformer`) -> prepend the cls token (+ its PE)
+and the tuner's prompt tokens, if any -> the source's blocks, adapted by the tuner -> the source's
+final norm -> ``[max over point tokens, cls]`` (2C) -> head (2C -> 256 -> 256 -> classes, BN + ReLU +
+dropout).
 
 Trainable: the tokenizer, the projection's own parameters, the classifier's cls token and its PE
 (initialised from the source's when it has them), the tuner's modules and whatever the tuner
@@ -95,14 +97,16 @@ class Any2Point(nn.Module):
         head_dropout: dropout after each hidden layer of the head.
         checkpoint_blocks: in training, keep only each source block's input for backward and run
             the block (with what the tuner put in it) again there (activation checkpointing): less
-            memory for one more forward pass of the blocks.
+            memory for one more forward pass of the blocks. Not with a tuner holding ``nn`` batch
+            norms (Point-PEFT's adapter), whose running statistics would move twice.
 
     The released code's behaviour (docs/method.md, "Where the official code differs from the
     paper"), each switch off by default:
 
         head_hidden_bias: ``False`` drops the biases of the head's hidden Linears (deviation 7).
-        pe_injection: ``once`` (default: the PE is added to the tokens, and the cls position to the cls
-            token, before the first block), ``every_block`` (``[cls position, PE]`` added before
+        pe_injection: ``once`` (the default but for 3D-pretrained sources: the PE is added to the tokens,
+            and the cls position to the cls token, before the first block), ``every_block`` (the default
+            for 3D-pretrained sources, as they were pretrained) (``[cls position, PE]`` added before
             every block instead) or ``every_block_plus_initial`` (both, so the first block sees it
             twice) (deviation 3).
         random_cls_pos: the cls token's position starts random (N(0, 0.02)) instead of the source's
@@ -115,29 +119,44 @@ class Any2Point(nn.Module):
     def __init__(self, num_classes: int, source: dict, tokenizer: Optional[dict] = None,
                  projection: Optional[dict] = None, tuner: Optional[dict] = None,
                  head_widths: Sequence[int] = (256, 256), head_dropout: float = 0.5,
-                 head_hidden_bias: bool = True, pe_injection: PEInjection = "once", random_cls_pos: bool = False,
+                 head_hidden_bias: bool = True, pe_injection: Optional[PEInjection] = None,
+                 random_cls_pos: bool = False,
                  final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None,
                  checkpoint_blocks: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
-        if pe_injection not in PEInjection.__args__:
+        if pe_injection is not None and pe_injection not in PEInjection.__args__:
             raise ConfigError(f"model pe_injection must be one of {PEInjection.__args__}, got '{pe_injection}'")
         for key, eps in (("final_norm_eps", final_norm_eps), ("block_norm_eps", block_norm_eps)):
             if eps is not None and eps <= 0:
                 raise ConfigError(f"model {key} must be positive, got {eps}")
-        self.pe_injection, self.checkpoint_blocks = pe_injection, checkpoint_blocks
+        self.checkpoint_blocks = checkpoint_blocks
         self.source = build_from_cfg(source, MODELS)
         if not isinstance(self.source, SourceTransformer):
             raise ConfigError(f"model source '{source['type']}' is not a SourceTransformer")
+        self.pe_injection = pe_injection or ("every_block" if self.source.modality_dim == 3 else "once")
         dim = self.source.dim
         if final_norm_eps is not None:
             set_layer_norm_eps(self.source.norm, final_norm_eps, "final_norm_eps")
         if block_norm_eps is not None:
             set_layer_norm_eps(self.source.blocks, block_norm_eps, "block_norm_eps")
-        self.tokenizer = build_from_cfg(tokenizer or {"type": "PointPNTokenizer"}, MODELS, dim=dim)
-        self.projection = build_from_cfg(projection or {"type": "VirtualProjection"}, MODELS, source=self.source)
+        if self.source.modality_dim == 3:
+            # A 3D-pretrained source embeds its own points: no Point-PN, no virtual projection.
+            for key, value in (("tokenizer", tokenizer), ("projection", projection)):
+                if value is not None:
+                    raise ConfigError(f"model {key}: source '{source['type']}' tokenizes its own points (pretrained "
+                                      f"group tokenizer and centre PE); remove the key")
+            self.tokenizer = self.projection = None
+        else:
+            self.tokenizer = build_from_cfg(tokenizer or {"type": "PointPNTokenizer"}, MODELS, dim=dim)
+            self.projection = build_from_cfg(projection or {"type": "VirtualProjection"}, MODELS, source=self.source)
         self.tuner = self._build_tuner(tuner or {"type": "GuidedAdapter"})
+        if checkpoint_blocks:
+            norms = [name for name, m in self.tuner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if norms:
+                raise ConfigError(f"model checkpoint_blocks: the tuner's BatchNorm '{norms[0]}' would update its "
+                                  "running statistics again when a block is recomputed; set it false")
         self.cls_token = _init_token(self.source.cls_token, dim)
         self.cls_pos_embed = _init_token(None if random_cls_pos else self.source.cls_pos_embed, dim)
         self.head = ClassificationHead(2 * dim, head_widths, num_classes, head_dropout, head_hidden_bias)
@@ -153,11 +172,17 @@ class Any2Point(nn.Module):
 
     def _build_tuner(self, cfg: dict) -> Tuner:
         """Build the tuner of ``cfg`` with the sizes and modules it asks for injected."""
-        available = {"dim": self.source.dim, "depth": self.source.depth,
-                     "num_views": self.projection.num_views, "projection": self.projection}
+        available = {"dim": self.source.dim, "depth": self.source.depth}
+        if self.projection is not None:
+            available.update(num_views=self.projection.num_views, projection=self.projection)
         target = MODELS.get(cfg["type"])
         if not (isinstance(target, type) and issubclass(target, Tuner)):
             raise ConfigError(f"model tuner '{cfg['type']}' is not a Tuner")
+        needs = [k for k in target.injected_args if k not in available]
+        if needs:
+            raise ConfigError(f"model tuner '{cfg['type']}' needs the virtual projection, which the 3D-pretrained "
+                              f"source '{self.source.name}' does not have; with it use PointPEFT, FullFinetune, "
+                              f"FrozenSource, PromptTuning, AdapterTuning or LoRA")
         return build_from_cfg(cfg, MODELS, **{k: available[k] for k in target.injected_args})
 
     def train(self, mode: bool = True) -> "Any2Point":
@@ -181,20 +206,26 @@ class Any2Point(nn.Module):
         """``points (B, N, 3)`` -> the normed class and point tokens and the token centres."""
         if points.ndim != 3 or points.shape[-1] != 3:
             raise ValueError(f"Any2Point expects points of shape (B, N, 3), got {tuple(points.shape)}")
-        centres, tokens = self.tokenizer(points)
-        projected = self.projection(centres, self._table())
-        context = self.tuner.prepare(projected, self.projection)
+        if self.projection is None:
+            centres, tokens = self.source.tokenize(points)
+            pe = self.source.embed_positions(centres)
+            context = self.tuner.prepare_points(centres, tokens, pe, self.source)
+        else:
+            centres, tokens = self.tokenizer(points)
+            projected = self.projection(centres, self._table())
+            context = self.tuner.prepare(projected, self.projection)
+            pe = projected.pe
         b = tokens.shape[0]
         initial = self.pe_injection != "every_block"
-        if initial and projected.pe is not None:
-            tokens = tokens + projected.pe
+        if initial and pe is not None:
+            tokens = tokens + pe
         cls = self.cls_token + self.cls_pos_embed if initial else self.cls_token
         x = torch.cat([cls.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
         checkpoint_blocks = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for index in range(self.source.depth):
             x = self.tuner.enter_block(index, x, context)
             if self.pe_injection != "once":
-                x = x + self._block_pe(projected.pe, x)
+                x = x + self._block_pe(pe, x)
             hooks = self.tuner.hooks(index, context)
             if checkpoint_blocks:
                 x = checkpoint(self.source.forward_block, index, x, hooks.ffn, hooks.attn)

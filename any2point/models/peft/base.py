@@ -14,11 +14,14 @@ A tuner decides, for the assembled classifier (:class:`any2point.models.classifi
   layers inside the source (LoRA);
 - **how many prompt tokens the blocks carry** (:attr:`Tuner.num_prompts`, placed between the class
   token and the point tokens, rewritten before each block by :meth:`Tuner.enter_block`);
-- **what it needs from each batch's geometry** (:meth:`Tuner.prepare`; the guided adapter's cells).
+- **what it needs from each batch's geometry** (:meth:`Tuner.prepare`; the guided adapter's cells;
+  :meth:`Tuner.prepare_points` for a 3D-pretrained source, which embeds its own points and has no
+  projection).
 
 Tuners are registered on the model registry and built by the classifier, which injects what a
 tuner names in ``injected_args`` out of ``dim`` and ``depth`` (the source's width and number of
-blocks) and ``num_views`` and ``projection`` (the virtual projection). A tuner never holds the
+blocks) and ``num_views`` and ``projection`` (the virtual projection; a 3D-pretrained source has none,
+so a tuner that needs them is refused there by name). A tuner never holds the
 source: what it puts inside it, :meth:`Tuner.attach` puts there.
 """
 from __future__ import annotations
@@ -51,7 +54,8 @@ class Tuner(nn.Module):
     """
 
     injected_args: tuple[str, ...] = ()
-    #: Prompt tokens the blocks carry between the class token and the point tokens.
+    #: Prompt tokens the blocks carry between the class token and the point tokens (those left after
+    #: the last block, where the classifier drops them).
     num_prompts: int = 0
     #: Whether the source's own parameters (beyond its final norm) train: then its modules follow
     #: ``train()`` and checkpoints hold the whole source.
@@ -69,6 +73,11 @@ class Tuner(nn.Module):
 
     def prepare(self, projected: Projected, projection: VirtualProjection) -> Any:
         """The per-batch context the hooks need, from the projection's output (default: none)."""
+        return None
+
+    def prepare_points(self, centres: Tensor, tokens: Tensor, pe: Tensor, source: SourceTransformer) -> Any:
+        """The per-batch context with a 3D-pretrained source, from its token centres ``(B, G, 3)``, tokens
+        and positional embedding ``(B, G, C)`` (default: none)."""
         return None
 
     def enter_block(self, index: int, x: Tensor, context: Any) -> Tensor:
