@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from any2point.models.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
-from any2point.models.peft.any2point import GuidedAdapter
+from any2point.models.peft.any2point import GuidedAdapter, cosine_similarity
 from any2point.registry import ConfigError
 
 
@@ -97,6 +97,19 @@ def test_cell_mask_confines_the_local_attention():
     other_cells = [i for i in range(12) if i // 3 != 1]
     torch.testing.assert_close(after[0, :, other_cells], before[0, :, other_cells], atol=1e-6, rtol=0)
     assert (after[0, :, 3] - before[0, :, 3]).abs().max() > 1e-3
+
+
+def test_cosine_similarity_equals_torchs_values_and_gradients():
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 1, 5, 8, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        a[0, 0, 0] = 0.0  # a zero vector: both clamp its norm
+    ours, reference = cosine_similarity(a, b), F.cosine_similarity(a, b, dim=-1)
+    torch.testing.assert_close(ours, reference)
+    g = torch.randn_like(ours)
+    for got, want in zip(torch.autograd.grad(ours, [a, b], g), torch.autograd.grad(reference, [a, b], g)):
+        torch.testing.assert_close(got, want)
 
 
 def test_compact_segments_numbers_nonempty_segments_per_row():

@@ -17,9 +17,10 @@ from torch import Tensor
 
 from any2point.errors import CheckpointError
 from any2point.models import build_model
-from any2point.models.backbones.base import SourceTransformer
-from any2point.models.backbones.clip_text import CLIPTextSource
+from any2point.models.backbones.base import AttentionWeight, SourceTransformer, single
+from any2point.models.backbones.clip_text import CLIPTextSource, SelfAttention
 from any2point.models.backbones.imagebind_audio import BiasKVAttention, ImageBindAudioSource
+from any2point.models.peft.lora import LoRA, LoRAWrapper
 
 TINY = {
     "CLIPTextSource": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
@@ -142,21 +143,65 @@ def test_clip_blocks_attend_without_mask_within_each_sample() -> None:
     assert torch.allclose(out_x[0], out_y[0], atol=1e-6)  # sample 0 does not see sample 1
 
 
+def open_clip_block(block: nn.Module) -> nn.Module:
+    """A copy of a CLIP text block with open_clip's own attention module (a plain
+    ``nn.MultiheadAttention``) holding the same weights: the reference of :class:`SelfAttention`."""
+    reference = copy.deepcopy(block)
+    reference.attn = nn.MultiheadAttention(block.attn.embed_dim, block.attn.num_heads, batch_first=True,
+                                           dtype=block.attn.in_proj_weight.dtype)
+    reference.attn.load_state_dict(block.attn.state_dict())
+    return reference
+
+
 def test_clip_forward_block_equals_open_clips_block_values_and_gradients() -> None:
-    """forward_block lays the attention input out sequence-first for speed; the block's own forward
-    on (B, T, C) is the reference, for outputs and for the gradients of input and weights."""
+    """forward_block runs the attention as in-projection, SDPA and out-projection
+    (:class:`SelfAttention`); open_clip's block with its own ``nn.MultiheadAttention`` is the
+    reference, for outputs and for the gradients of input and weights (equal up to float32
+    summation order)."""
     torch.manual_seed(0)
     source = tiny("CLIPTextSource")
     block = source.blocks[0]
+    assert isinstance(block.attn, SelfAttention)
+    reference = open_clip_block(block)
     x = torch.randn(3, 11, 64, requires_grad=True)
-    ours = source.forward_block(0, x)
-    reference = block(x)
-    assert torch.equal(ours, reference)
-    params = list(block.parameters())
-    grads = torch.autograd.grad(ours.square().sum(), [x, *params])
-    expected = torch.autograd.grad(reference.square().sum(), [x, *params])
+    ours, expected_out = source.forward_block(0, x), reference(x)
+    torch.testing.assert_close(ours, expected_out)
+    grads = torch.autograd.grad(ours.square().sum(), [x, *block.parameters()])
+    expected = torch.autograd.grad(expected_out.square().sum(), [x, *reference.parameters()])
     for got, want in zip(grads, expected):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # asked for its weights, the module runs its own path
+        _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=False)
+        assert weights.shape == (3, 4, 11, 11)
+
+
+def test_clip_forward_block_runs_a_lora_wrapped_attention_with_its_update() -> None:
+    """With LoRA wrapped around a block's attention (its weights substituted in
+    :class:`SelfAttention`'s fast path), forward_block equals open_clip's block with its own
+    attention module under the same LoRA: values, and gradients of the input and of the LoRA factors
+    (in float64, so summation order does not show)."""
+    torch.manual_seed(0)
+    source = tiny("CLIPTextSource").double()
+    reference = open_clip_block(source.blocks[0])
+    plain = copy.deepcopy(source)
+    LoRA(rank=2, targets=["q", "v", "o"]).attach(source)
+    block = source.blocks[0]
+    lora = [p for name, p in block.named_parameters() if ".lora_" in name]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(std=0.1)  # B starts at zero: give the update a value
+    qv = AttentionWeight("attn", "in_proj_weight", {"q": (0, 64), "v": (128, 192)})
+    reference.attn = LoRAWrapper(reference.attn, [qv, single("attn", "out_proj.weight", "o", 64)], rank=2, alpha=16.0)
+    reference.attn.load_state_dict(block.attn.state_dict())
+    reference_lora = [p for name, p in reference.named_parameters() if ".lora_" in name]
+    x = torch.randn(3, 11, 64, dtype=torch.float64, requires_grad=True)
+    ours, expected_out = source.forward_block(0, x), reference(x)
+    torch.testing.assert_close(ours, expected_out)
+    assert not torch.allclose(ours, plain.forward_block(0, x), atol=1e-3)  # the update takes part
+    grads = torch.autograd.grad(ours.square().sum(), [x, *lora])
+    expected = torch.autograd.grad(expected_out.square().sum(), [x, *reference_lora])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_clip_official_seq_first_bug_is_attention_across_the_batch() -> None:

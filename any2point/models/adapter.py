@@ -29,6 +29,7 @@ from torch import Tensor
 
 from any2point.extensions import segment_reduce
 from any2point.registry import ConfigError
+from any2point.utils.activation_checkpoint import is_recomputing
 
 Pool = Literal["mean", "maxmean"]
 
@@ -47,7 +48,8 @@ class GroupedBatchNorm(nn.Module):
     Equals an ``nn.BatchNorm1d`` applied to each group's rows separately (a group without rows in a
     batch leaves its running statistics untouched). Statistics are computed in float32. The affine
     parameters are one 1-D tensor per group (``weight.g``, ``bias.g``), like a BatchNorm's, so the
-    optimizer's no-decay rule for 1-D parameters applies to them.
+    optimizer's no-decay rule for 1-D parameters applies to them. When activation checkpointing runs
+    the forward pass again for backward, the running statistics are not updated a second time.
     """
 
     def __init__(self, num_groups: int, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
@@ -68,23 +70,29 @@ class GroupedBatchNorm(nn.Module):
             counts = present_rows if rows_per_group is None else torch.full_like(present_rows, rows_per_group)
             zeros = x32.new_zeros(self.num_groups, x32.shape[1])
             mean = zeros.index_add(0, group, x32) / counts.clamp_min(1)
-            centred = x32 - mean[group]
+            centred = x32 - mean.index_select(0, group)
             var = zeros.index_add(0, group, centred.square())
             if rows_per_group is not None:
                 var = var + (counts - present_rows) * mean.square()  # the absent zero rows
             var = var / counts.clamp_min(1)
-            with torch.no_grad():
-                present = counts[:, 0] > 0
-                unbiased = var * counts / (counts - 1).clamp_min(1)
-                m = self.momentum
-                self.running_mean[present] = (1 - m) * self.running_mean[present] + m * mean[present]
-                self.running_var[present] = (1 - m) * self.running_var[present] + m * unbiased[present]
+            if not is_recomputing():
+                self._update_running_stats(mean, var, counts)
         else:
-            centred = x32 - self.running_mean[group]
+            centred = x32 - self.running_mean.index_select(0, group)
             var = self.running_var
-        weight, bias = torch.stack(list(self.weight)), torch.stack(list(self.bias))
-        out = centred * torch.rsqrt(var[group] + self.eps) * weight[group] + bias[group]
+        # Per group first, then one gather each (index_select: its backward is a plain index_add).
+        scale = torch.stack(list(self.weight)) * torch.rsqrt(var + self.eps)
+        out = centred * scale.index_select(0, group) + torch.stack(list(self.bias)).index_select(0, group)
         return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, counts: Tensor) -> None:
+        """Move the running statistics of the groups with rows towards the batch's ``(groups, C)``."""
+        present = counts[:, 0] > 0
+        unbiased = var * counts / (counts - 1).clamp_min(1)
+        m = self.momentum
+        self.running_mean[present] = (1 - m) * self.running_mean[present] + m * mean[present]
+        self.running_var[present] = (1 - m) * self.running_var[present] + m * unbiased[present]
 
     def extra_repr(self) -> str:
         return (f"groups={self.num_groups}, channels={self.running_mean.shape[1]}, eps={self.eps}, "

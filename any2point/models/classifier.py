@@ -24,6 +24,7 @@ from torch import Tensor
 from any2point.models.backbones.base import SourceTransformer
 from any2point.models.peft.base import Tuner
 from any2point.registry import MODELS, ConfigError, build_from_cfg
+from any2point.utils.activation_checkpoint import checkpoint
 
 logger = logging.getLogger("any2point")
 
@@ -97,6 +98,10 @@ class Any2Point(nn.Module):
             ``injected_args`` of ``dim``, ``depth``, ``num_views`` and ``projection``.
         head_widths: hidden widths of the classification head.
         head_dropout: dropout after each hidden layer of the head.
+        checkpoint_blocks: in training, keep only each source block's input for backward and run
+            the block (with what the tuner put in it) again there (activation checkpointing): less
+            memory for one more forward pass of the blocks. Not with a tuner holding ``nn`` batch
+            norms (Point-PEFT's adapter), whose running statistics would move twice.
 
     The released code's behaviour (docs/method.md, "Where the official code differs from the
     paper"), each switch off by default:
@@ -119,7 +124,8 @@ class Any2Point(nn.Module):
                  head_widths: Sequence[int] = (256, 256), head_dropout: float = 0.5,
                  head_hidden_bias: bool = True, pe_injection: Optional[PEInjection] = None,
                  random_cls_pos: bool = False,
-                 final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None) -> None:
+                 final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None,
+                 checkpoint_blocks: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
@@ -128,6 +134,7 @@ class Any2Point(nn.Module):
         for key, eps in (("final_norm_eps", final_norm_eps), ("block_norm_eps", block_norm_eps)):
             if eps is not None and eps <= 0:
                 raise ConfigError(f"model {key} must be positive, got {eps}")
+        self.checkpoint_blocks = checkpoint_blocks
         self.source = build_from_cfg(source, MODELS)
         if not isinstance(self.source, SourceTransformer):
             raise ConfigError(f"model source '{source['type']}' is not a SourceTransformer")
@@ -148,6 +155,11 @@ class Any2Point(nn.Module):
             self.tokenizer = build_from_cfg(tokenizer or {"type": "PointPNTokenizer"}, MODELS, dim=dim)
             self.projection = build_from_cfg(projection or {"type": "VirtualProjection"}, MODELS, source=self.source)
         self.tuner = self._build_tuner(tuner or {"type": "GuidedAdapter"})
+        if checkpoint_blocks:
+            norms = [name for name, m in self.tuner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if norms:
+                raise ConfigError(f"model checkpoint_blocks: the tuner's BatchNorm '{norms[0]}' would update its "
+                                  "running statistics again when a block is recomputed; set it false")
         self.cls_token = _init_token(self.source.cls_token, dim)
         self.cls_pos_embed = _init_token(None if random_cls_pos else self.source.cls_pos_embed, dim)
         self.head = self._build_head(dim, num_classes, head_widths, head_dropout, head_hidden_bias)
@@ -222,12 +234,16 @@ class Any2Point(nn.Module):
         x = torch.cat([cls.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
         count = tokens.shape[1]  # the point tokens stay last, whatever prompts a block carries
         after: dict[int, Tensor] = {}
+        checkpoint_blocks = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for index in range(self.source.depth):
             x = self.tuner.enter_block(index, x, context)
             if self.pe_injection != "once":
                 x = x + self._block_pe(pe, x)
             hooks = self.tuner.hooks(index, context)
-            x = self.source.forward_block(index, x, ffn_hook=hooks.ffn, attn_hook=hooks.attn)
+            if checkpoint_blocks:
+                x = checkpoint(self.source.forward_block, index, x, hooks.ffn, hooks.attn)
+            else:
+                x = self.source.forward_block(index, x, ffn_hook=hooks.ffn, attn_hook=hooks.attn)
             if index + 1 in levels:
                 after[index + 1] = self.source.norm(x[:, -count:])
         x = self.source.norm(x)

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
@@ -85,6 +86,45 @@ def convert_clip_text_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+class SelfAttention(nn.MultiheadAttention):
+    """open_clip's block attention (a batch-first ``nn.MultiheadAttention``) with a faster
+    self-attention.
+
+    Called as a block calls it, ``attn(x, x, x, need_weights=False)`` on ``x (B, T, C)`` without
+    mask or dropout, it runs the fused in-projection, ``scaled_dot_product_attention`` and the
+    out-projection: 1.3x faster forward + backward on CPU than the module's own path, whose
+    batch-first layout turns the projections into broadcast batched matmuls. Any other call (attention
+    weights asked for, a mask, separate key or value) is the module's own. The parameters and their
+    names are the module's, so weights load, LoRA substitutes them (``functional_call``) and forward
+    hooks see the module as before.
+    """
+
+    @classmethod
+    def of(cls, attn: nn.MultiheadAttention) -> "SelfAttention":
+        """A :class:`SelfAttention` holding ``attn``'s parameters (the same tensors)."""
+        fast = cls(attn.embed_dim, attn.num_heads, dropout=attn.dropout, batch_first=attn.batch_first,
+                   bias=attn.in_proj_bias is not None, add_bias_kv=attn.bias_k is not None, device="meta")
+        for name, param in attn.named_parameters(recurse=False):
+            setattr(fast, name, param)
+        fast.out_proj = attn.out_proj
+        return fast
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        plain = (query is key is value and query.dim() == 3 and self.batch_first and self._qkv_same_embed_dim
+                 and not need_weights and attn_mask is None and key_padding_mask is None and not is_causal
+                 and self.bias_k is None and (self.dropout == 0.0 or not self.training))
+        if not plain:
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        b, t, c = query.shape
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, c // self.num_heads)).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        return self.out_proj(out), None
+
+
 @MODELS.register()
 class CLIPTextSource(SourceTransformer):
     """The text transformer of an open_clip model, frozen: (B, T, C) tokens -> (B, T, C).
@@ -132,6 +172,8 @@ class CLIPTextSource(SourceTransformer):
         self.dim = tower.width
         self.depth = len(tower.transformer.resblocks)
         self.blocks = tower.transformer.resblocks
+        for block in self.blocks:
+            block.attn = SelfAttention.of(block.attn)
         self.norm = tower.ln_final
         self.register_buffer("pos_embed_1d", tower.positional_embedding.detach().clone(), persistent=False)
         self.official_seq_first_bug = official_seq_first_bug
@@ -148,10 +190,7 @@ class CLIPTextSource(SourceTransformer):
             # (B, T, C) read as (sequence, batch, C): attention over the batch at each position.
             a = block.attention(h.transpose(0, 1)).transpose(0, 1)
         else:
-            # The same attention. open_clip's batch-first attention works sequence-first inside; a
-            # (B, T, C) view of a contiguous (T, B, C) tensor keeps its projections on plain matmuls
-            # instead of a broadcast batched matmul (1.3x forward + backward on CPU, same result).
-            a = block.attention(h.transpose(0, 1).contiguous().transpose(0, 1))
+            a = block.attention(h)  # SelfAttention's fast path
         x = residual(attn_hook, x, block.ls_1(a))
         return residual(ffn_hook, x, block.ls_2(block.mlp(block.ln_2(x))))
 
