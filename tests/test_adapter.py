@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from any2point.models.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
-from any2point.models.peft.any2point import GuidedAdapter, cosine_similarity
+from any2point.models.peft.any2point import GuidedAdapter, ensemble_views
 from any2point.registry import ConfigError
 
 
@@ -99,16 +99,26 @@ def test_cell_mask_confines_the_local_attention():
     assert (after[0, :, 3] - before[0, :, 3]).abs().max() > 1e-3
 
 
-def test_cosine_similarity_equals_torchs_values_and_gradients():
+def test_ensemble_equals_torchs_cosine_weighting_of_the_gathered_views():
+    """Per-cell norms and batched matmuls against F.cosine_similarity on every (token, view), values
+    and gradients."""
+    adapter = _adapter()
+    cells = torch.randint(0, 4, (2, 3, 12))
+    context = adapter.context(cells, torch.rand(2, 12, 3))
+    num_cells = context.view_of_cell.numel()
     torch.manual_seed(0)
-    a = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, 1, 5, 8, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(num_cells, 8, dtype=torch.float64, requires_grad=True)
+    voxels = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
-        a[0, 0, 0] = 0.0  # a zero vector: both clamp its norm
-    ours, reference = cosine_similarity(a, b), F.cosine_similarity(a, b, dim=-1)
+        features[0] = 0.0  # a zero vector: both clamp its norm
+    ours = ensemble_views(features, voxels, context)
+    views = features[context.cell_ids].view(2, 3, 12, 8)
+    weights = (F.cosine_similarity(views, voxels[:, None], dim=-1) + 1) / 2
+    reference = ((weights / weights.sum(1, keepdim=True))[..., None] * views).sum(1)
     torch.testing.assert_close(ours, reference)
     g = torch.randn_like(ours)
-    for got, want in zip(torch.autograd.grad(ours, [a, b], g), torch.autograd.grad(reference, [a, b], g)):
+    for got, want in zip(torch.autograd.grad(ours, [features, voxels], g),
+                         torch.autograd.grad(reference, [features, voxels], g)):
         torch.testing.assert_close(got, want)
 
 
@@ -121,7 +131,7 @@ def test_compact_segments_numbers_nonempty_segments_per_row():
 
 def _reference_guide(adapter: GuidedAdapter, index: int, z: torch.Tensor, cells: torch.Tensor,
                      unit: torch.Tensor) -> torch.Tensor:
-    """The guided branch by loops over samples, views, cells and voxels (training-mode BN)."""
+    """The guided branch by loops over samples, views, cells and voxels (the adapter's BN mode)."""
     block = adapter.blocks[index]
     b, t, c = z.shape
     m = cells.shape[1]
@@ -138,7 +148,7 @@ def _reference_guide(adapter: GuidedAdapter, index: int, z: torch.Tensor, cells:
                     value = value + local[i, v, idx].amax(0)
                 pooled.append(value)
                 members.append((i, idx))
-        bn = _batch_norm_like(block.view_norm, v)
+        bn = _batch_norm_like(block.view_norm, v).train(adapter.training)
         for (i, idx), value in zip(members, F.gelu(bn(torch.stack(pooled)))):
             views[i, v, idx] = value
     if not adapter.ensemble:
@@ -151,23 +161,37 @@ def _reference_guide(adapter: GuidedAdapter, index: int, z: torch.Tensor, cells:
             pooled.append(points[i, idx].amax(0) + points[i, idx].mean(0))
             members.append((i, idx))
     voxels = torch.empty(b, t - 1, c)
-    for (i, idx), value in zip(members, F.gelu(_batch_norm_like(block.voxel_norm, 0)(torch.stack(pooled)))):
+    for (i, idx), value in zip(members, F.gelu(_batch_norm_like(block.voxel_norm, 0).train(adapter.training)(torch.stack(pooled)))):
         voxels[i, idx] = value
     weights = (F.cosine_similarity(views, voxels[:, None], dim=-1) + 1) / 2
     weights = weights / weights.sum(1, keepdim=True)
     return torch.cat([z[:, :1], points + adapter.coef * (weights[..., None] * views).sum(1)], dim=1)
 
 
-@pytest.mark.parametrize("pool, ensemble", [("mean", True), ("maxmean", True), ("mean", False)])
-def test_guided_branch_matches_brute_force(pool, ensemble):
-    adapter = _adapter(pool=pool, ensemble=ensemble, coef=0.7, voxel_size=0.5)
-    z = torch.randn(2, 13, 16)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pool, ensemble, voxel_size", [("mean", True, 0.5), ("maxmean", True, 0.5),
+                                                       ("mean", False, 0.5), ("mean", True, 1e-3)])
+def test_guided_branch_matches_brute_force(pool, ensemble, voxel_size, training):
+    """Values and gradients (input and local attention), with batch and running statistics; the mean
+    pool averages before the projection, and voxel_size 1e-3 puts every token in its own voxel (the
+    branch skips the voxel pooling)."""
+    adapter = _adapter(pool=pool, ensemble=ensemble, coef=0.7, voxel_size=voxel_size).train(training)
+    with torch.no_grad():
+        for buffer in adapter.buffers():
+            buffer.uniform_(0.5, 1.5)
+    z = torch.randn(2, 13, 16, requires_grad=True)
     cells = torch.randint(0, 4, (2, 3, 12))
     unit = torch.rand(2, 12, 3) * 2 - 1
     context = adapter.context(cells, unit)
+    assert (context.num_voxels == 24) == (voxel_size < 0.01)
     out = adapter._guide(adapter.blocks[1], context, z)
-    torch.testing.assert_close(out, _reference_guide(adapter, 1, z, cells, unit), atol=1e-5, rtol=1e-5)
+    reference = _reference_guide(adapter, 1, z, cells, unit)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 0], z[:, 0])
+    inputs = [z, *adapter.local_attention.parameters()]  # the reference copies the batch norms' parameters
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(reference, inputs, g)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("position", ["after", "parallel", "before"])

@@ -122,6 +122,10 @@ class ViewLocalAttention(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return x[:, None] + self.project(self.attend(x, mask))
+
+    def attend(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The heads' concatenated outputs before the projection: ``(B, G, C) -> (B, M, G, attn_dim)``."""
         b, g, c = x.shape
         m, h = self.num_views, self.heads
         norm_w = torch.stack([n.weight for n in self.norms])
@@ -135,10 +139,21 @@ class ViewLocalAttention(nn.Module):
         qkv = torch.einsum("bgc,mdc->bmgd", normed, weight) + bias[None, :, None]
         q, k, v = qkv.reshape(b * m, g, 3, h, self.attn_dim // h).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_dim ** -0.5)
-        out = out.transpose(1, 2).reshape(b, m, g, self.attn_dim)
+        return out.transpose(1, 2).reshape(b, m, g, self.attn_dim)
+
+    def project(self, out: Tensor) -> Tensor:
+        """Each view's output projection ``(B, M, G, attn_dim) -> (B, M, G, C)``."""
         proj_w = torch.stack([p.weight for p in self.proj])
         proj_b = torch.stack([p.bias for p in self.proj])
-        return x[:, None] + torch.einsum("bmgd,mcd->bmgc", out, proj_w) + proj_b[None, :, None]
+        return torch.einsum("bmgd,mcd->bmgc", out, proj_w) + proj_b[None, :, None]
+
+    def project_cells(self, out: Tensor, view_one_hot: Tensor) -> Tensor:
+        """The output projection of rows ``(U, attn_dim)`` that each belong to the view marked in
+        ``view_one_hot (U, M)``: one matmul with the views' stacked weights ``(M attn_dim, C)``."""
+        proj_w = torch.stack([p.weight for p in self.proj])  # (M, C, attn_dim)
+        proj_b = torch.stack([p.bias for p in self.proj])
+        rows = (view_one_hot[:, :, None] * out[:, None, :]).flatten(1)
+        return rows @ proj_w.transpose(1, 2).flatten(0, 1) + view_one_hot @ proj_b
 
 
 class AdapterBlock(nn.Module):

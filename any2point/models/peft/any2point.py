@@ -37,6 +37,14 @@ class GuidanceContext:
         mask: ``(B * M, 1, G, G)``, True where two tokens share a cell in a view.
         cell_ids: ``(B * M * G,)`` index of each (sample, view, token)'s non-empty cell.
         view_of_cell: ``(U,)`` the view of each non-empty cell.
+        token_cells: ``(B * G * M,)`` the same cells ordered by (sample, token, view): a gather with
+            it gives each token its M views side by side.
+        cell_mean: ``(B * M, G, G)`` float, row i averages the tokens in token i's cell (the mask
+            over its row's count): the per-cell mean as a batched matmul.
+        first_token: ``(U,)`` the (sample, view, token) row of each cell's first token.
+        token_slot: ``(B, G, M)`` the first token's row within its sample (``view G + token``) of the
+            cell of each (sample, token, view).
+        view_one_hot: ``(U, M)`` float, the one-hot view of each cell.
         voxel_ids: ``(B * G,)`` index of each (sample, token)'s non-empty voxel (``None`` without the
             cosine ensemble, which alone uses the 3D branch).
         num_voxels: number of non-empty voxels in the batch.
@@ -48,17 +56,35 @@ class GuidanceContext:
     mask: Tensor
     cell_ids: Tensor
     view_of_cell: Tensor
+    token_cells: Tensor
+    cell_mean: Tensor
+    first_token: Tensor
+    token_slot: Tensor
+    view_one_hot: Tensor
     voxel_ids: Optional[Tensor]
     num_voxels: int
     cells_per_view: Optional[int] = None
 
 
-def cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
-    """``a . b / (max(|a|, eps) max(|b|, eps))`` over the last dimension, broadcasting ``b`` over
-    ``a`` (``F.cosine_similarity``'s value, 3.5x faster forward + backward for ``(B, M, G, C)``
-    views against ``(B, 1, G, C)`` voxels on CPU: ``b`` is not expanded to ``a``'s size)."""
-    norms = torch.linalg.vector_norm(a, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(b, dim=-1).clamp_min(eps)
-    return (a * b).sum(dim=-1) / norms
+def ensemble_views(cells: Tensor, voxels: Tensor, context: GuidanceContext, eps: float = 1e-8) -> Tensor:
+    """The cosine ensemble ``sum_v w_v F_v`` of each token's M views, ``w_v = (cos(F_v, B3) + 1) / 2``
+    normalised over the views (``F.cosine_similarity``'s clamped norms).
+
+    ``cells (U, C)`` are the views' per-cell features, ``voxels (B, G, C)`` each token's 3D-branch
+    feature -> ``(B, G, C)``. Each cell sits at its first token's row of its sample's ``M G`` slots;
+    the dot products of all slots with all tokens and the weighted sum over the views are then two
+    batched matmuls per sample, and the views' norms are taken once per cell: nothing as large as the
+    tokens' M views ``(B, M, G, C)`` is built.
+    """
+    b, m, g = context.shape
+    c = cells.shape[-1]
+    views = cells.index_select(0, context.token_cells).view(b * g, m, c)
+    flat = voxels.reshape(b * g, 1, c)
+    norms = torch.linalg.vector_norm(cells, dim=-1).clamp_min(eps).index_select(0, context.token_cells)
+    norms = norms.view(b * g, m) * torch.linalg.vector_norm(flat, dim=-1).clamp_min(eps)
+    weights = ((views * flat).sum(dim=-1) / norms + 1) / 2
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (weights.unsqueeze(-1) * views).sum(dim=1).view(b, g, c)
 
 
 @MODELS.register()
@@ -154,11 +180,21 @@ class GuidedAdapter(Tuner):
         b, m, g = cells.shape
         mask = (cells[..., :, None] == cells[..., None, :]).reshape(b * m, 1, g, g)
         cell_ids, cell_row = compact_segments(cells.reshape(b * m, g))
+        view_of_cell = cell_row % m
+        token_cells = cell_ids.view(b, m, g).transpose(1, 2).flatten()
+        same_cell = mask.squeeze(1).float()
+        cell_mean = same_cell / same_cell.sum(dim=-1, keepdim=True)
+        rows = torch.arange(cell_ids.numel(), device=cells.device)
+        first_token = rows.new_full((cell_row.numel(),), cell_ids.numel()).scatter_reduce(0, cell_ids, rows, "amin")
+        token_slot = (first_token.index_select(0, token_cells) % (m * g)).view(b, g, m)
+        view_one_hot = F.one_hot(view_of_cell, m).float()
+        shared = ((b, m, g), mask, cell_ids, view_of_cell, token_cells, cell_mean, first_token, token_slot,
+                  view_one_hot)
         dense = b * num_cells if self.dense_cell_norm else None
         if not self.ensemble:
-            return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, None, 0, dense)
+            return GuidanceContext(*shared, None, 0, dense)
         voxel_index, voxel_row = compact_segments(voxel_ids(xyz, self.voxel_size))
-        return GuidanceContext((b, m, g), mask, cell_ids, cell_row % m, voxel_index, voxel_row.numel(), dense)
+        return GuidanceContext(*shared, voxel_index, voxel_row.numel(), dense)
 
     def hook(self, index: int, context: GuidanceContext) -> Optional[ResidualHook]:
         """The FFN hook of block ``index``, or ``None`` past ``insert_depth`` (plain ``x + f``)."""
@@ -184,21 +220,38 @@ class GuidedAdapter(Tuner):
         b, m, g = context.shape
         cls, points = z[:, :1], z[:, 1:]
         c = points.shape[-1]
-        local = self.local_attention(points, context.mask).reshape(b * m * g, c)
-        pooled = pool_segments(local, context.cell_ids, context.view_of_cell.numel(), self.pool)
-        normed = block.view_norm(pooled, context.view_of_cell, context.cells_per_view)
-        views = F.gelu(normed).index_select(0, context.cell_ids).reshape(b, m, g, c)
+        pooled = self._pool_cells(context, points)
+        cells = F.gelu(block.view_norm(pooled, context.view_of_cell, context.cells_per_view))
         if self.ensemble:
             flat = points.reshape(b * g, c)
-            pooled3d = pool_segments(flat, context.voxel_ids, context.num_voxels, "maxmean")
             groups = torch.zeros(context.num_voxels, dtype=torch.long, device=z.device)
-            voxels = F.gelu(block.voxel_norm(pooled3d, groups)).index_select(0, context.voxel_ids).reshape(b, 1, g, c)
-            weights = (cosine_similarity(views, voxels) + 1) / 2
-            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
-            guided = (weights.unsqueeze(-1) * views).sum(dim=1)
+            if context.num_voxels == b * g:  # a token per voxel: its max + mean is twice the token
+                voxels = F.gelu(block.voxel_norm(2 * flat, groups))
+            else:
+                pooled3d = pool_segments(flat, context.voxel_ids, context.num_voxels, "maxmean")
+                voxels = F.gelu(block.voxel_norm(pooled3d, groups)).index_select(0, context.voxel_ids)
+            guided = ensemble_views(cells, voxels.view(b, g, c), context)
         else:
-            guided = views.mean(dim=1)
-        return torch.cat([cls, points + self.coef * guided], dim=1)
+            guided = cells.index_select(0, context.token_cells).view(b * g, m, c).mean(dim=1)
+        return torch.cat([cls, points + self.coef * guided.view(b, g, c)], dim=1)
+
+    def _pool_cells(self, context: GuidanceContext, points: Tensor) -> Tensor:
+        """The local attention's output ``x + attention_v(LN_v(x))`` pooled per non-empty cell of each
+        view: ``(B, G, C) -> (U, C)``. A mean is linear, so it averages the tokens and the heads'
+        outputs (``attn_dim`` wide) per cell by matmuls before the projection, and never builds the
+        ``(B, M, G, C)`` per-view tokens; max + mean pools those tokens per cell."""
+        b, m, g = context.shape
+        c = points.shape[-1]
+        if self.pool == "maxmean":
+            local = self.local_attention(points, context.mask).reshape(b * m * g, c)
+            return pool_segments(local, context.cell_ids, context.view_of_cell.numel(), "maxmean")
+        heads = self.local_attention.attend(points, context.mask)
+        average = context.cell_mean.to(points.dtype)
+        mean_x = torch.bmm(average.view(b, m * g, g), points).view(b * m * g, c)
+        mean_heads = torch.bmm(average, heads.reshape(b * m, g, -1)).view(b * m * g, -1)
+        mean_heads = mean_heads.index_select(0, context.first_token)
+        return (mean_x.index_select(0, context.first_token)
+                + self.local_attention.project_cells(mean_heads, context.view_one_hot.to(points.dtype)))
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, coef={self.coef}, pool={self.pool}, guidance={self.guidance}, "
