@@ -194,7 +194,10 @@ class PointPNStage(nn.Module):
         x = self.grouped_input(feats, nbr_idx, centre_idx, offsets)
         for block in self.blocks:
             x = self._block(block, x)
-        return centres, x.unflatten(0, nbr_idx.shape).amax(dim=2)
+        # max, not amax: its backward scatters the gradient to one neighbour instead of building a
+        # tie mask of the whole (B, G, k, C) input; ties only occur at ReLU's zeros (no gradient there)
+        # or between identical rows (the same parameter gradients).
+        return centres, x.unflatten(0, nbr_idx.shape).max(dim=2).values
 
     def _block(self, block: ResidualBlock, x: Tensor) -> Tensor:
         """:class:`ResidualBlock` on ``(M, C)`` rows with plain autograd (same parameters, buffers
