@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from any2point.extensions import furthest_point_sample, gather, group, knn
-from any2point.models.tokenizer import PointPNStage, PointPNTokenizer, sincos_embedding
+from any2point.models.tokenizer import PointPNStage, PointPNTokenizer, _pack_bits, _unpack_bits, sincos_embedding
 from any2point.registry import ConfigError
 
 
@@ -115,16 +115,22 @@ def reference_stage(stage: PointPNStage, xyz: torch.Tensor, feats: torch.Tensor)
     return stage.blocks(x.permute(0, 3, 1, 2)).amax(dim=-1).transpose(1, 2)
 
 
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("recompute, chunk_mb, num_blocks", [
+    (True, 32.0, 2),  # the lean path in one chunk
+    (True, 1e-9, 2),  # one group per chunk
+    (True, 7 * 5 * 16 * 4 / 2 ** 20, 3),  # 7 groups per chunk: 36 groups do not divide evenly
+    (False, 32.0, 2),
+])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_stage_equals_the_straightforward_path(recompute, training, momentum):
+def test_stage_equals_the_straightforward_path(recompute, chunk_mb, num_blocks, training, momentum):
     """Outputs, gradients (features and every parameter) and BatchNorm running statistics over
-    three steps equal those of the plain Conv2d path. (The gradients of the biases before a
-    training-mode BatchNorm are zero up to rounding, hence the absolute tolerance.)"""
+    three steps equal those of the plain Conv2d path, whatever the chunks of the lean path. (The
+    gradients of the biases before a training-mode BatchNorm are zero up to rounding, hence the
+    absolute tolerance.)"""
     torch.manual_seed(2)
-    fast = PointPNStage(width=16, mid=8, num_blocks=2, k=5, norm="scan", alpha=1000.0, beta=100.0,
-                        recompute=recompute)
+    fast = PointPNStage(width=16, mid=8, num_blocks=num_blocks, k=5, norm="scan", alpha=1000.0, beta=100.0,
+                        recompute=recompute, chunk_mb=chunk_mb)
     for module in fast.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = momentum
@@ -175,3 +181,26 @@ def test_fused_training_path_runs_in_fp32_under_autocast():
     (grad,) = torch.autograd.grad(out.sum(), feats)
     (grad_fp32,) = torch.autograd.grad(out_fp32.sum(), feats)
     torch.testing.assert_close(grad, grad_fp32)
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 12, 192])
+def test_packed_masks_round_trip(width):
+    mask = torch.rand(37, width) > 0.5
+    packed = _pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (37, -(-width // 8))
+    assert torch.equal(_unpack_bits(packed, width), mask)
+
+
+def test_lean_path_keeps_no_grouped_rows_for_backward():
+    """In training the stage keeps per block its (B G k, mid) first activation, one bit per value of
+    the inner blocks' outputs and small statistics; never a (B G k, C) tensor of the grouped rows."""
+    torch.manual_seed(4)
+    stage = PointPNStage(width=32, mid=8, num_blocks=2, k=6, norm="scan", alpha=1000.0, beta=100.0,
+                         chunk_mb=1e-9).train()
+    xyz, feats = torch.randn(2, 40, 3), torch.randn(2, 40, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        stage(xyz, feats)
+    rows = 2 * 20 * 6
+    assert max(t.numel() for t in saved) == rows * 8  # z1 of each block
+    assert any(t.dtype == torch.uint8 and t.shape == (rows, 32 // 8) for t in saved)  # block 0's output mask

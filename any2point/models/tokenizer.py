@@ -69,93 +69,278 @@ def _block_params(block: ResidualBlock) -> tuple[Tensor, ...]:
     return conv1.weight, conv1.bias, bn1.weight, bn1.bias, conv2.weight, conv2.bias, bn2.weight, bn2.bias
 
 
-class _FusedBlocks(torch.autograd.Function):
-    """A stage's grouping and residual blocks in training mode, as matmuls over ``M = B G k`` rows,
-    keeping for backward only each block's first pre-norm activation ``(M, mid)``; the grouped
-    input, the blocks' outputs and second activations are recomputed.
+def _norm(z: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Batch norm with given statistics: ``(z - mean) * rstd * weight + bias``."""
+    scale = weight * rstd
+    return torch.addcmul(bias - mean * scale, z, scale)
 
-    ``(feats (B, N, C/2), nbr_idx (B, G, k), centre_idx (B, G), offsets (B, G, k, 3)) -> (B, G, C)``,
-    the max over the k neighbours of the last block's output. BatchNorm uses batch statistics and
-    updates the running ones exactly as ``nn.BatchNorm2d`` does.
+
+def _update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> Tensor:
+    """Update ``bn``'s running statistics from a training batch's mean and biased variance over
+    ``count`` rows, exactly as ``nn.BatchNorm2d`` does; return ``1 / sqrt(var + eps)``."""
+    momentum = _bn_momentum(bn)
+    bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+    bn.running_var.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
+    return (var + bn.eps).rsqrt()
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    """A boolean ``(rows, C)`` mask as ``(rows, ceil(C / 8))`` bytes, eight values per byte."""
+    pad = -mask.shape[1] % 8
+    bits = F.pad(mask, (0, pad)).view(mask.shape[0], -1, 8).to(torch.uint8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(dim=-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, width: int) -> Tensor:
+    """:func:`_pack_bits` undone: ``(rows, ceil(C / 8))`` bytes -> a boolean ``(rows, width)`` mask."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :width]
+
+
+class _Moments:
+    """Mean and biased variance over the rows of ``(rows, C)`` chunks, per column or, with
+    ``covariance``, as the full ``(C, C)`` covariance; each chunk's are taken about its own mean and
+    combined in float64 (Chan et al.'s pairwise update)."""
+
+    def __init__(self, covariance: bool = False) -> None:
+        self.covariance, self.count = covariance, 0
+        self.mean: Optional[Tensor] = None
+        self.m2: Optional[Tensor] = None
+
+    def add(self, x: Tensor) -> None:
+        n, mean = x.shape[0], x.mean(dim=0)
+        centred = x - mean
+        m2 = (centred.t() @ centred if self.covariance else centred.square_().sum(dim=0)).double()
+        mean = mean.double()
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total, delta = self.count + n, mean - self.mean
+        spread = torch.outer(delta, delta) if self.covariance else delta.square()
+        self.m2 = self.m2 + m2 + spread * (self.count * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.count = total
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return self.mean, self.m2 / self.count
+
+
+class _LeanStage:
+    """A stage's grouping, residual blocks and max over neighbours in training mode, run over
+    chunks of whole groups so that no ``(B G k, C)`` tensor of the whole batch is ever built.
+
+    Kept for backward: each block's first pre-norm activation ``z1 (M, mid)`` (``M = B G k`` rows)
+    and the mean and covariance of its first activation after the ReLU ``a1`` (``mid x mid``);
+    everything else is rebuilt chunk by chunk. A batch norm needs the statistics of all rows before
+    its output exists, and its gradient two sums over all rows, hence passes over the chunks:
+
+    - forward, per block: one through the chain for its ``z1`` (so its first norm's statistics),
+      one over the kept ``z1`` for the moments of ``a1``, from which those of the second product
+      ``z2 = a1 W2^T + b2`` follow (mean ``W2 mu + b2``, variance ``diag(W2 Cov W2^T)``); then one
+      through the chain for the output and the max;
+    - backward, per block from the last: one through the chain for the second norm's two sums and
+      ``P^T a1`` (with the moments of ``a1`` these give ``W2``'s gradient without the per-row
+      gradient of ``z2``), one over the kept ``z1`` for the first norm's two sums; the next pass
+      through the chain takes ``W1``'s gradient and passes the gradient down (to the grouped input
+      after the first block).
+
+    The formulas are those of ``nn.BatchNorm2d`` and of the matrix products; the tests compare the
+    results with the Conv2d modules.
     """
 
+    def __init__(self, stage: "PointPNStage", feats: Tensor, nbr_idx: Tensor, centre_idx: Tensor,
+                 offsets: Tensor, chunk_rows: int, params: Sequence[Tensor]) -> None:
+        batch, num_points, self.half = feats.shape
+        base = torch.arange(batch, device=feats.device) * num_points
+        self.stage, self.params = stage, params
+        self.feats = feats.reshape(batch * num_points, self.half)
+        self.nbr = (nbr_idx + base[:, None, None]).flatten(0, 1)
+        self.centre = (centre_idx + base[:, None]).flatten()
+        self.offsets = offsets.flatten(0, 1)
+        self.k, groups = nbr_idx.shape[-1], self.nbr.shape[0]
+        self.num_rows, step = groups * self.k, max(1, chunk_rows // self.k)
+        self.chunks = [slice(s, min(s + step, groups)) for s in range(0, groups, step)]
+        self.z1s: list[Tensor] = []
+        self.masks: list[Tensor] = []
+        # Per block: mean1, rstd1, mean2, rstd2, and the mean (mid,) and covariance (mid, mid) of a1.
+        self.stats: list[tuple[Tensor, ...]] = []
+
+    def block(self, j: int) -> tuple[Tensor, ...]:
+        """Block ``j``'s parameters, the products' weights as ``(out, in)`` matrices."""
+        w1, b1, g1, beta1, w2, b2, g2, beta2 = self.params[8 * j:8 * j + 8]
+        return w1.flatten(1), b1, g1, beta1, w2.flatten(1), b2, g2, beta2
+
+    def rows(self, groups: slice) -> slice:
+        return slice(groups.start * self.k, groups.stop * self.k)
+
+    def grouped(self, groups: slice) -> Tensor:
+        """``[neighbour feature, centre feature] + sincos(offset)`` of the chunk's rows."""
+        nbr = self.feats[self.nbr[groups]]
+        x = torch.cat([nbr, self.feats[self.centre[groups]].unsqueeze(1).expand_as(nbr)], dim=-1)
+        stage = self.stage
+        return x.add_(sincos_embedding(self.offsets[groups], stage.width, stage.alpha, stage.beta)).flatten(0, 1)
+
+    def hidden(self, j: int, rows: slice) -> Tensor:
+        """Block ``j``'s ``a1`` on ``rows``, from the kept ``z1``."""
+        _, _, g1, beta1 = self.block(j)[:4]
+        mean1, rstd1 = self.stats[j][:2]
+        return _norm(self.z1s[j][rows], mean1, rstd1, g1, beta1).relu_()
+
+    def chain(self, groups: slice, upto: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The chunk's block inputs ``x_0 .. x_upto`` and, per block before ``upto``, its ``a1`` and
+        its second pre-norm activation ``z2``."""
+        rows, xs, hidden, second = self.rows(groups), [self.grouped(groups)], [], []
+        for j in range(upto):
+            _, _, _, _, w2, b2, g2, beta2 = self.block(j)
+            mean2, rstd2 = self.stats[j][2:4]
+            a1 = self.hidden(j, rows)
+            z2 = torch.addmm(b2, a1, w2.t())
+            xs.append(_norm(z2, mean2, rstd2, g2, beta2).add_(xs[-1]).relu_())
+            hidden.append(a1)
+            second.append(z2)
+        return xs, hidden, second
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """Set ``z1s`` and ``stats`` (updating the running statistics); return the max over the
+        neighbours of the last block's output and its indices, ``(B G, C)`` each."""
+        for j, block in enumerate(self.stage.blocks):
+            w1, b1, _, _, w2, b2, _, _ = self.block(j)
+            z1, moments1 = self.feats.new_empty(self.num_rows, w1.shape[0]), _Moments()
+            for groups in self.chunks:
+                out = z1[self.rows(groups)]
+                torch.addmm(b1, self.chain(groups, j)[0][-1], w1.t(), out=out)
+                moments1.add(out)
+            mean1, var1 = (t.to(z1.dtype) for t in moments1.result())
+            self.z1s.append(z1)
+            self.stats.append((mean1, _update_running(block.net1[1], mean1, var1, self.num_rows)))
+            moments_a = _Moments(covariance=True)
+            for groups in self.chunks:
+                moments_a.add(self.hidden(j, self.rows(groups)))
+            mean_a, cov_a = moments_a.result()
+            w2d = w2.double()
+            mean2 = (w2d @ mean_a + b2.double()).to(z1.dtype)
+            var2 = ((w2d @ cov_a) * w2d).sum(dim=1).to(z1.dtype)
+            rstd2 = _update_running(block.net2[1], mean2, var2, self.num_rows)
+            self.stats[j] += (mean2, rstd2, mean_a, cov_a)
+        width, num = self.stage.width, len(self.stage.blocks)
+        values = self.feats.new_empty(self.nbr.shape[0], width)
+        argmax = torch.empty(self.nbr.shape[0], width, dtype=torch.long, device=values.device)
+        # The ReLU masks of the outputs of every block but the last, one bit per value.
+        self.masks = [torch.empty(self.num_rows, -(-width // 8), dtype=torch.uint8, device=values.device)
+                      for _ in range(num - 1)]
+        for groups in self.chunks:
+            xs = self.chain(groups, num)[0]
+            for j, mask in enumerate(self.masks):
+                mask[self.rows(groups)] = _pack_bits(xs[j + 1] > 0)
+            torch.max(xs[-1].unflatten(0, (-1, self.k)), dim=1, out=(values[groups], argmax[groups]))
+        return values, argmax
+
+    def backward(self, grad_out: Tensor, values: Tensor, argmax: Tensor,
+                 need_feats: bool) -> tuple[Optional[Tensor], list[Tensor]]:
+        """Gradients of the features ``(B N, C/2)`` (or None) and of the parameters from that of the
+        max ``(B G, C)``."""
+        num, m = len(self.stage.blocks), self.num_rows
+        top = grad_out * (values > 0)  # through the last ReLU, at the maxima
+        dparams = [torch.zeros_like(p) for p in self.params]
+        gz1s: list[Tensor] = [torch.empty(0)] * num
+
+        def upper(groups: slice, j: int) -> Tensor:
+            """``P_j``, the gradient of block ``j``'s sum before its ReLU, on the chunk's rows: from
+            the max down through the later blocks' kept ``gz1`` and output masks."""
+            rows, size = self.rows(groups), groups.stop - groups.start
+            grad = top.new_zeros(size, self.k, top.shape[1])
+            grad = grad.scatter_(1, argmax[groups].unsqueeze(1), top[groups].unsqueeze(1)).flatten(0, 1)
+            for i in range(num - 1, j, -1):
+                grad.addmm_(gz1s[i][rows], self.block(i)[0]).mul_(_unpack_bits(self.masks[i - 1][rows], grad.shape[1]))
+            return grad
+
+        for p in range(num - 1, -1, -1):
+            w1, b1, g1, beta1, w2, b2, g2, beta2 = self.block(p)
+            mean1, rstd1, mean2, rstd2, mean_a, cov_a = self.stats[p]
+            c2 = g2 * rstd2
+            s1, pa1 = torch.zeros_like(b2), torch.zeros_like(w2)
+            q = self.feats.new_empty(m, w1.shape[0])
+            for groups in self.chunks:
+                rows = self.rows(groups)
+                grad, a1 = upper(groups, p), self.hidden(p, rows)
+                s1 += grad.sum(dim=0)
+                pa1.addmm_(grad.t(), a1)
+                torch.mm(grad.mul_(c2), w2, out=q[rows])
+                if p + 1 < num:  # the later block's W1 gradient, now that its gz1 is complete
+                    w1_next = self.block(p + 1)[0]
+                    dparams[8 * (p + 1)].view_as(w1_next).addmm_(gz1s[p + 1][rows].t(), self.chain(groups, p + 1)[0][-1])
+            # Second norm and product. Row by row gz2 = c2 (P - s1 / m - xh2 s2 / m) with
+            # xh2 = (a1 W2^T + b2 - mean2) rstd2: s2 = sum P xh2 and gz2^T a1 follow from P^T a1 and
+            # the moments of a1, without a per-row z2.
+            s2 = rstd2 * ((pa1 * w2).sum(dim=1) + (b2 - mean2) * s1)
+            sum_a = mean_a.to(w2.dtype) * m
+            sum_aa = ((cov_a + torch.outer(mean_a, mean_a)) * m).to(w2.dtype)
+            xh2_a = rstd2[:, None] * (w2 @ sum_aa + torch.outer(b2 - mean2, sum_a))
+            sum_xh2 = rstd2 * (w2 @ sum_a + m * (b2 - mean2))
+            dparams[8 * p + 4].view_as(w2).copy_(c2[:, None] * (pa1 - torch.outer(s1 / m, sum_a) - (s2 / m)[:, None] * xh2_a))
+            dparams[8 * p + 5].copy_(-c2 * s2 * sum_xh2 / m)
+            dparams[8 * p + 6].copy_(s2)
+            dparams[8 * p + 7].copy_(s1)
+            # First norm: q holds (c2 P) W2; the gradient of a1 is gz2 W2 where a1 > 0, i.e.
+            # q - shift - a1 K with K = W2^T diag(rstd2 scale) W2 (mid x mid).
+            scale = c2 * s2 / m
+            shift = (c2 * s1 / m + (b2 - mean2) * rstd2 * scale) @ w2
+            kmat = (w2.t() * (rstd2 * scale)) @ w2
+            t1, t2 = torch.zeros_like(b1), torch.zeros_like(b1)
+            for groups in self.chunks:
+                rows = self.rows(groups)
+                a1 = self.hidden(p, rows)
+                ga1 = q[rows].sub_(shift).sub_(a1 @ kmat).mul_(a1 > 0)
+                t1 += ga1.sum(dim=0)
+                t2 += (ga1 * (self.z1s[p][rows] - mean1).mul_(rstd1)).sum(dim=0)
+            c1 = g1 * rstd1
+            for groups in self.chunks:
+                rows = self.rows(groups)
+                xh1 = (self.z1s[p][rows] - mean1).mul_(rstd1 * t2 / m)
+                gz1 = q[rows].sub_(t1 / m).sub_(xh1).mul_(c1)
+                dparams[8 * p + 1] += gz1.sum(dim=0)
+            dparams[8 * p + 2].copy_(t2)
+            dparams[8 * p + 3].copy_(t1)
+            gz1s[p] = q
+        # The first block's W1 gradient and the gradient of the grouped input.
+        grad_feats = self.feats.new_zeros(self.feats.shape) if need_feats else None
+        w1 = self.block(0)[0]
+        for groups in self.chunks:
+            rows = self.rows(groups)
+            dparams[0].view_as(w1).addmm_(gz1s[0][rows].t(), self.grouped(groups))
+            if need_feats:
+                grad = upper(groups, 0).addmm_(gz1s[0][rows], w1)
+                grad_feats.index_add_(0, self.nbr[groups].flatten(), grad[:, :self.half])
+                grad_feats.index_add_(0, self.centre[groups], grad[:, self.half:].unflatten(0, (-1, self.k)).sum(dim=1))
+        return grad_feats, dparams
+
+
+class _FusedBlocks(torch.autograd.Function):
+    """:class:`_LeanStage` as an autograd function ``(feats (B, N, C/2), nbr_idx (B, G, k),
+    centre_idx (B, G), offsets (B, G, k, 3)) -> (B, G, C)``."""
+
     @staticmethod
-    def forward(ctx, stage: "PointPNStage", feats: Tensor, nbr_idx: Tensor,
-                centre_idx: Tensor, offsets: Tensor, *params: Tensor) -> Tensor:
-        x = stage.grouped_input(feats, nbr_idx, centre_idx, offsets)
-        stats, pre_norms = [], []
-        for block in stage.blocks:
-            w1, b1, g1, beta1, w2, b2, g2, beta2 = _block_params(block)
-            bn1, bn2 = block.net1[1], block.net2[1]
-            z1 = torch.addmm(b1, x, w1.flatten(1).t())
-            a1, mean1, rstd1 = torch.native_batch_norm(z1, g1, beta1, bn1.running_mean, bn1.running_var, True,
-                                                       _bn_momentum(bn1), bn1.eps)
-            z2 = torch.addmm(b2, a1.relu_(), w2.flatten(1).t())
-            del a1
-            y, mean2, rstd2 = torch.native_batch_norm(z2, g2, beta2, bn2.running_mean, bn2.running_var, True,
-                                                      _bn_momentum(bn2), bn2.eps)
-            del z2
-            x = y.add_(x).relu_()
-            pre_norms.append(z1)
-            stats += [mean1, rstd1, mean2, rstd2]
-        values, argmax = x.unflatten(0, nbr_idx.shape).max(dim=2)
-        ctx.stage = stage
-        ctx.save_for_backward(feats, nbr_idx, centre_idx, offsets, values, argmax, *pre_norms, *stats, *params)
-        return values
+    def forward(ctx, stage: "PointPNStage", feats: Tensor, nbr_idx: Tensor, centre_idx: Tensor,
+                offsets: Tensor, chunk_rows: int, *params: Tensor) -> Tensor:
+        run = _LeanStage(stage, feats, nbr_idx, centre_idx, offsets, chunk_rows, params)
+        values, argmax = run.forward()
+        ctx.stage, ctx.chunk_rows = stage, chunk_rows
+        ctx.save_for_backward(feats, nbr_idx, centre_idx, offsets, values, argmax, *run.z1s, *run.masks,
+                              *(t for stats in run.stats for t in stats), *params)
+        return values.unflatten(0, nbr_idx.shape[:2])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
-        stage, num = ctx.stage, len(ctx.stage.blocks)
         feats, nbr_idx, centre_idx, offsets, values, argmax, *rest = ctx.saved_tensors
-        pre_norms, stats, params = rest[:num], rest[num:5 * num], rest[5 * num:]
-        x = stage.grouped_input(feats, nbr_idx, centre_idx, offsets)
-        # Recompute each block's input and its second pre-norm activation.
-        inputs, hidden, second = [x], [], []
-        for j, block in enumerate(stage.blocks):
-            w1, b1, g1, beta1, w2, b2, g2, beta2 = params[8 * j:8 * j + 8]
-            mean1, rstd1, mean2, rstd2 = stats[4 * j:4 * j + 4]
-            scale1 = g1 * rstd1
-            a1 = torch.addcmul(beta1 - mean1 * scale1, pre_norms[j], scale1).relu_()
-            z2 = torch.addmm(b2, a1, w2.flatten(1).t())
-            hidden.append(a1)
-            second.append(z2)
-            if j + 1 < num:
-                scale2 = g2 * rstd2
-                inputs.append(torch.addcmul(beta2 - mean2 * scale2, z2, scale2).add_(inputs[j]).relu_())
-        grad = torch.zeros_like(inputs[-1]).unflatten(0, nbr_idx.shape)
-        grad.scatter_(2, argmax.unsqueeze(2), (grad_out * (values > 0)).unsqueeze(2))
-        grad = grad.flatten(0, 2)
-        grads: list[Optional[Tensor]] = [None] * len(params)
-        for j in reversed(range(num)):
-            block = stage.blocks[j]
-            w1, b1, g1, beta1, w2, b2, g2, beta2 = params[8 * j:8 * j + 8]
-            mean1, rstd1, mean2, rstd2 = stats[4 * j:4 * j + 4]
-            bn1, bn2 = block.net1[1], block.net2[1]
-            if j + 1 < num:
-                grad.mul_(inputs.pop() > 0)
-            x, a1, z2 = inputs[j], hidden.pop(), second.pop()
-            gz2, dg2, dbeta2 = torch.ops.aten.native_batch_norm_backward(
-                grad, z2, g2, bn2.running_mean, bn2.running_var, mean2, rstd2, True, bn2.eps, [True, True, True])
-            del z2
-            dw2 = (gz2.t() @ a1).view_as(w2)
-            db2 = gz2.sum(0)
-            ga1 = gz2 @ w2.flatten(1)
-            del gz2
-            ga1.mul_(a1 > 0)
-            del a1
-            gz1, dg1, dbeta1 = torch.ops.aten.native_batch_norm_backward(
-                ga1, pre_norms[j], g1, bn1.running_mean, bn1.running_var, mean1, rstd1, True, bn1.eps,
-                [True, True, True])
-            del ga1
-            dw1 = (gz1.t() @ x).view_as(w1)
-            db1 = gz1.sum(0)
-            grad.addmm_(gz1, w1.flatten(1))
-            del gz1
-            grads[8 * j:8 * j + 8] = [dw1, db1, dg1, dbeta1, dw2, db2, dg2, dbeta2]
-        del inputs
-        grad_feats = stage.grouped_input_backward(grad, feats, nbr_idx, centre_idx) if ctx.needs_input_grad[1] else None
-        return (None, grad_feats, None, None, None, *grads)
+        num = len(ctx.stage.blocks)
+        run = _LeanStage(ctx.stage, feats, nbr_idx, centre_idx, offsets, ctx.chunk_rows, rest[8 * num - 1:])
+        run.z1s, run.masks = rest[:num], rest[num:2 * num - 1]
+        run.stats = [tuple(rest[2 * num - 1 + 6 * j:2 * num + 5 + 6 * j]) for j in range(num)]
+        grad_feats, dparams = run.backward(grad_out.flatten(0, 1), values, argmax, ctx.needs_input_grad[1])
+        if grad_feats is not None:
+            grad_feats = grad_feats.view_as(feats)
+        return (None, grad_feats, None, None, None, None, *dparams)
 
 
 class PointPNStage(nn.Module):
@@ -171,10 +356,11 @@ class PointPNStage(nn.Module):
     """
 
     def __init__(self, width: int, mid: int, num_blocks: int, k: int, norm: NormMode,
-                 alpha: float, beta: float, recompute: bool = True) -> None:
+                 alpha: float, beta: float, recompute: bool = True, chunk_mb: float = 32.0) -> None:
         super().__init__()
         self.width, self.k, self.norm, self.alpha, self.beta = width, k, norm, alpha, beta
         self.recompute = recompute
+        self.chunk_rows = max(1, int(chunk_mb * 2 ** 20 / (4 * width)))
         self.blocks = nn.Sequential(*[ResidualBlock(width, mid) for _ in range(num_blocks)])
 
     def forward(self, xyz: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,7 +375,8 @@ class PointPNStage(nn.Module):
         if self.training and self.recompute:
             params = [p for block in self.blocks for p in _block_params(block)]
             with torch.autocast(xyz.device.type, enabled=False):  # the fused function runs in fp32
-                tokens = _FusedBlocks.apply(self, feats.float(), nbr_idx, centre_idx, offsets.float(), *params)
+                tokens = _FusedBlocks.apply(self, feats.float(), nbr_idx, centre_idx, offsets.float(),
+                                             self.chunk_rows, *params)
             return centres, tokens
         x = self.grouped_input(feats, nbr_idx, centre_idx, offsets)
         for block in self.blocks:
@@ -269,7 +456,7 @@ class PointPNTokenizer(nn.Module):
     def __init__(self, dim: int, k: int = 81, widths: Optional[Sequence[int]] = None,
                  blocks: Sequence[int] = (2, 1, 1), mids: Optional[Sequence[int]] = None,
                  norm: NormMode = "scan", alpha: float = 1000.0, beta: float = 100.0,
-                 recompute: bool = True) -> None:
+                 recompute: bool = True, chunk_mb: float = 32.0) -> None:
         super().__init__()
         widths = list(widths) if widths is not None else [dim // 4, dim // 2, dim]
         if widths[-1] != dim:
@@ -289,7 +476,7 @@ class PointPNTokenizer(nn.Module):
         self.dim, self.k = dim, k
         self.stem = nn.Sequential(nn.Conv1d(3, widths[0] // 2, 1, bias=False),
                                   nn.BatchNorm1d(widths[0] // 2), nn.ReLU(inplace=True))
-        self.stages = nn.ModuleList(PointPNStage(w, m, b, k, norm, alpha, beta, recompute)
+        self.stages = nn.ModuleList(PointPNStage(w, m, b, k, norm, alpha, beta, recompute, chunk_mb)
                                     for w, m, b in zip(widths, mids, blocks))
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
