@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -362,3 +363,25 @@ def test_any_unpickling_failure_is_a_checkpoint_error(tmp_path: Path, monkeypatc
     monkeypatch.setattr(torch, "load", failing_load)
     with pytest.raises(CheckpointError, match="damaged.pth"):
         checkpoint.load(path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_freed_memory_kept_by_the_heap_is_released_on_request():
+    """Under keep_freed_memory a freed 256 MB tensor stays resident; release_freed_memory (called by
+    the trainer after each epoch on the CPU) hands it back."""
+    code = textwrap.dedent("""
+        import torch
+        from any2point.utils.cpu_memory import keep_freed_memory, release_freed_memory
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        assert keep_freed_memory()
+        x = torch.ones(64 * 2 ** 20)
+        del x
+        kept = rss()
+        assert release_freed_memory()
+        print(kept - rss())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert int(out.stdout.strip()) > 200 * 2 ** 20

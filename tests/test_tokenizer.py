@@ -96,6 +96,8 @@ def test_bad_settings_and_inputs_raise():
         PointPNTokenizer(dim=64, widths=[24, 32, 64])
     with pytest.raises(ConfigError, match="one count per stage"):
         PointPNTokenizer(dim=64, blocks=[1, 1])
+    with pytest.raises(ConfigError, match="chunk_mb must be positive"):
+        PointPNTokenizer(dim=64, chunk_mb=0)
     tokenizer = PointPNTokenizer(dim=64, k=16)
     with pytest.raises(ValueError, match="k=16"):
         tokenizer(torch.randn(1, 40, 3))

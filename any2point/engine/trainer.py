@@ -41,7 +41,7 @@ from any2point.engine.tasks import build_task
 from any2point.errors import CheckpointError, ExperimentError
 from any2point.models import build_model
 from any2point.registry import ConfigError
-from any2point.utils.cpu_memory import keep_freed_memory
+from any2point.utils.cpu_memory import keep_freed_memory, release_freed_memory
 
 logger = logging.getLogger("any2point")
 
@@ -277,6 +277,8 @@ class Trainer:
             for self.epoch in range(self.start_epoch, end):
                 self.stats: dict[str, Any] = {"train": self.train_epoch(self.epoch)}
                 self.call("after_epoch")
+                if self.device.type == "cpu":
+                    release_freed_memory()  # the heap keeps freed memory within an epoch only
             return self.final_test() if end == epochs else None
         finally:
             self.close()
