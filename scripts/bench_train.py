@@ -88,7 +88,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--system-malloc", action="store_true",
-                        help="CPU: leave glibc's malloc as it is (the trainer keeps freed memory for reuse)")
+                        help="CPU: leave glibc's malloc as it is, as the trainer does with "
+                             "train.keep_freed_memory=false (by default it keeps freed memory for reuse)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-stage step")
     parser.add_argument("--no-memory-process", action="store_true",
                         help="CPU: skip the fresh process that measures peak resident memory")

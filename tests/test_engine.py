@@ -21,6 +21,7 @@ from any2point.engine.distributed import EpochSampler
 from any2point.engine.metrics import Metrics, confusion_matrix
 from any2point.engine.optim import build_optimizer, build_scheduler
 from any2point.engine.evaluate import evaluate_checkpoint
+from any2point.engine import trainer as trainer_module
 from any2point.engine.trainer import BEST, LAST, Trainer
 from any2point.registry import ConfigError
 from any2point.errors import CheckpointError, ExperimentError
@@ -239,3 +240,17 @@ def test_compiled_training_equals_eager(tmp_path: Path) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
     assert any(not torch.allclose(a[key], init[key], atol=1e-3) for key in a)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_heap_setting_follows_the_config(tmp_path: Path, monkeypatch, keep: bool) -> None:
+    """``train.keep_freed_memory`` (CPU) sets the heap to keep freed memory and releases it after
+    every epoch; false leaves malloc alone."""
+    calls = {"keep": 0, "release": 0}
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.__setitem__("keep", calls["keep"] + 1))
+    monkeypatch.setattr(trainer_module, "release_freed_memory",
+                        lambda: calls.__setitem__("release", calls["release"] + 1))
+    cfg = load_config(tiny_config(tmp_path, f"heap_{keep}", train={"keep_freed_memory": keep, "device": "cpu"}))
+    Trainer(cfg).fit()
+    epochs = cfg.train.epochs
+    assert calls == ({"keep": 1, "release": epochs} if keep else {"keep": 0, "release": 0})

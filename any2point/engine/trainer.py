@@ -119,7 +119,7 @@ class Trainer:
         self.ignore_source_mismatch = ignore_source_mismatch
         self.device = pick_device(t.device)
         distributed.init(self.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and t.keep_freed_memory:
             keep_freed_memory()
         self.exp_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
         if resume and resume_from is None and not (self.exp_dir / LAST).is_file():
@@ -277,7 +277,7 @@ class Trainer:
             for self.epoch in range(self.start_epoch, end):
                 self.stats: dict[str, Any] = {"train": self.train_epoch(self.epoch)}
                 self.call("after_epoch")
-                if self.device.type == "cpu":
+                if self.device.type == "cpu" and self.cfg.train.keep_freed_memory:
                     release_freed_memory()  # the heap keeps freed memory within an epoch only
             return self.final_test() if end == epochs else None
         finally:
