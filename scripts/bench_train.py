@@ -7,8 +7,11 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
   ``samples_per_s`` from the median, and ``step_thread_cpu_s_min``, the least CPU time of the
   calling thread over those steps (with ``--threads 1`` a figure a busy shared machine disturbs
   far less than wall time);
-- ``flops_per_step``: counted by ``torch.utils.flop_counter`` over one step (matmuls,
-  convolutions and attention; element-wise work is not counted, as usual for MFU);
+- ``flops_per_step``: the model FLOPs of a step, counted by ``torch.utils.flop_counter`` (matmuls,
+  convolutions and attention; element-wise work is not counted, as usual for MFU) on a copy of the
+  model with recomputation switched off (the tokenizer's lean path, activation checkpointing), so
+  that recomputed work does not count as useful; ``flops_executed_per_step`` counts the step as it
+  runs (recomputation included; the counter's registry misses in-place ``addmm_``);
 - ``matmul_flops_per_s``: the best of several dense square matmuls (fp32, or bf16 with ``--amp``)
   timed in the same run, before and after the steps; ``mfu`` = FLOPs per step / median step time /
   that figure, and ``mfu_thread_cpu`` the same from thread CPU times (step and matmul);
@@ -36,6 +39,7 @@ by default so no weight file is needed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -172,6 +176,23 @@ def count_flops(step: Step) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
+
+
+def count_model_flops(step: Step) -> int:
+    """The step's FLOPs without recomputation: counted with every memory-saving switch off (the
+    tokenizer's lean path, the tuner's and the blocks' activation checkpointing), on a copy of the
+    model, so that the recomputed products and the lean path's in-place ``addmm_`` (which the
+    counter's registry misses) do not change the figure MFU is taken from."""
+    model = copy.deepcopy(step.model)
+    for module in model.modules():
+        for switch in ("recompute", "checkpoint", "checkpoint_blocks"):
+            if isinstance(getattr(module, switch, None), bool):
+                setattr(module, switch, False)
+    twin = copy.copy(step)
+    twin.model = twin.net = model
+    twin.optimizer = build_optimizer(step.cfg.optimizer, model)
+    twin.params = [p for p in model.parameters() if p.requires_grad]
+    return count_flops(twin)
 
 
 class StageTimer:
@@ -346,7 +367,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     times, cpu_times = zip(*[timed_with_cpu(step, step.sync) for _ in range(args.repeats)])
     rates.append(matmul_flops_per_s(step.device, args.amp))
     peak_rate, peak_cpu_rate = max(r[0] for r in rates), max(r[1] for r in rates)
-    flops = count_flops(step)
+    executed = count_flops(step)
+    flops = executed if args.compile else count_model_flops(step)
     median = statistics.median(times)
     report: dict[str, Any] = {
         "config": args.config, "device": args.device, "machine": machine_name(),
@@ -355,7 +377,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "step_s_median": round(median, 4), "step_s_min": round(min(times), 4),
         "samples_per_s": round(args.batch_size / median, 2),
         "step_thread_cpu_s_min": round(min(cpu_times), 4),
-        "flops_per_step": flops, "matmul_flops_per_s": round(peak_rate),
+        "flops_per_step": flops, "flops_executed_per_step": executed, "matmul_flops_per_s": round(peak_rate),
         "matmul_flops_per_thread_cpu_s": round(peak_cpu_rate),
         "mfu": round(flops / median / peak_rate, 4),
         "mfu_thread_cpu": round(flops / min(cpu_times) / peak_cpu_rate, 4),

@@ -1,5 +1,6 @@
 """scripts/bench_train.py on a tiny Any2Point: one JSON line whose per-stage FLOPs add up to the
-step's FLOPs counted by torch.utils.flop_counter, with every stage of the model present."""
+step's executed FLOPs counted by torch.utils.flop_counter, with every stage of the model present,
+and whose model FLOPs are those of the same step with recomputation switched off."""
 from __future__ import annotations
 
 import json
@@ -32,5 +33,11 @@ def test_one_json_line_with_stages_adding_up(tmp_path: Path, capsys: pytest.Capt
     stages = report["stages"]
     assert {"tokenizer", "projection", "blocks", "adapters", "head", "optimizer"} <= set(stages)
     assert stages["tokenizer"]["flops"] > 0 and stages["blocks"]["flops"] > 0 and stages["adapters"]["flops"] > 0
-    assert sum(stage.get("flops", 0) for stage in stages.values()) == report["flops_per_step"]
+    assert sum(stage.get("flops", 0) for stage in stages.values()) == report["flops_executed_per_step"]
     assert sum(stage["share"] for stage in stages.values()) == pytest.approx(1.0, abs=1e-3)
+    # The model FLOPs (MFU's) are those of the step with recomputation switched off in the config.
+    main(["--config", str(cfg), "--batch-size", "2", "--points", "128", "--repeats", "1", "--no-breakdown",
+          "--no-memory-process", "+model.tokenizer.recompute=false", "+model.tuner.checkpoint=false"])
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plain["flops_per_step"] == plain["flops_executed_per_step"] == report["flops_per_step"]
+    assert report["flops_executed_per_step"] != report["flops_per_step"]
