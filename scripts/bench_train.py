@@ -15,6 +15,9 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
 - ``matmul_flops_per_s``: the best of several dense square matmuls (fp32, or bf16 with ``--amp``)
   timed in the same run, before and after the steps; ``mfu`` = FLOPs per step / median step time /
   that figure, and ``mfu_thread_cpu`` the same from thread CPU times (step and matmul);
+- ``device_waits_per_step``: operators of one step that would make the host wait for a CUDA
+  device (reading a value, data-dependent output sizes; ``any2point/utils/device_waits.py``),
+  counted on any device, and ``device_waits`` per operator;
 - ``peak_memory_bytes``: CUDA ``max_memory_allocated`` over a step; on the CPU the peak resident
   memory of a fresh process that builds the model and runs two steps (``memory_process``), and its
   resident memory before the first step (``rss_before_step_bytes``);
@@ -39,6 +42,7 @@ by default so no weight file is needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -63,6 +67,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without pip install
 
 from any2point import build_model, load_config  # noqa: E402
 from any2point.engine.optim import build_optimizer  # noqa: E402
+from any2point.utils.device_waits import DeviceWaits  # noqa: E402
 from any2point.engine.trainer import autocast  # noqa: E402
 from any2point.utils.cpu_memory import keep_freed_memory  # noqa: E402
 
@@ -172,8 +177,8 @@ def matmul_flops_per_s(device: torch.device, amp: bool, size: int = 2048, repeat
     return 2 * size**3 / min(wall), 2 * size**3 / min(cpu)
 
 
-def count_flops(step: Step) -> int:
-    with FlopCounterMode(display=False) as counter:
+def count_flops(step: Step, waits: Optional[DeviceWaits] = None) -> int:
+    with FlopCounterMode(display=False) as counter, (waits or contextlib.nullcontext()):
         step()
     return counter.get_total_flops()
 
@@ -367,7 +372,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     times, cpu_times = zip(*[timed_with_cpu(step, step.sync) for _ in range(args.repeats)])
     rates.append(matmul_flops_per_s(step.device, args.amp))
     peak_rate, peak_cpu_rate = max(r[0] for r in rates), max(r[1] for r in rates)
-    executed = count_flops(step)
+    waits = DeviceWaits()
+    executed = count_flops(step, waits)
     flops = executed if args.compile else count_model_flops(step)
     median = statistics.median(times)
     report: dict[str, Any] = {
@@ -381,6 +387,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "matmul_flops_per_thread_cpu_s": round(peak_cpu_rate),
         "mfu": round(flops / median / peak_rate, 4),
         "mfu_thread_cpu": round(flops / min(cpu_times) / peak_cpu_rate, 4),
+        "device_waits_per_step": waits.total, "device_waits": dict(sorted(waits.counts.items())),
     }
     if step.device.type == "cuda":  # the host thread's CPU time says nothing about the GPU
         for key in ("step_thread_cpu_s_min", "matmul_flops_per_thread_cpu_s", "mfu_thread_cpu"):

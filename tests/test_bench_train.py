@@ -41,3 +41,4 @@ def test_one_json_line_with_stages_adding_up(tmp_path: Path, capsys: pytest.Capt
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plain["flops_per_step"] == plain["flops_executed_per_step"] == report["flops_per_step"]
     assert report["flops_executed_per_step"] != report["flops_per_step"]
+    assert report["device_waits_per_step"] == sum(report["device_waits"].values()) > 0  # the adapter's cells

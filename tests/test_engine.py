@@ -23,6 +23,7 @@ from any2point.engine.optim import build_optimizer, build_scheduler
 from any2point.engine.evaluate import evaluate_checkpoint
 from any2point.engine import trainer as trainer_module
 from any2point.engine.trainer import BEST, LAST, Trainer
+from any2point.utils.device_waits import DeviceWaits
 from any2point.registry import ConfigError
 from any2point.errors import CheckpointError, ExperimentError
 
@@ -254,3 +255,28 @@ def test_cpu_heap_setting_follows_the_config(tmp_path: Path, monkeypatch, keep: 
     Trainer(cfg).fit()
     epochs = cfg.train.epochs
     assert calls == ({"keep": 1, "release": epochs} if keep else {"keep": 0, "release": 0})
+
+
+def test_device_waits_are_counted_and_the_training_loop_adds_none(tmp_path: Path) -> None:
+    """The counter sees reads of values and data-dependent sizes; a step of the trainer's loop on a
+    model without any (the tiny PointNet, SGD) makes no such call: the loss is summed on the device
+    and the progress bar (off outside a terminal) reads nothing. (Adam reads its step count from a
+    CPU tensor by design, and the epoch's metrics are read once after the loop.)"""
+    x = torch.randn(12)
+    with DeviceWaits() as waits:
+        x.sum().item()
+        x[x > 0]
+        torch.unique(x)
+        x.nonzero()
+        (x * 2).sum()
+    assert waits.counts == {"_local_scalar_dense": 1, "index (boolean mask)": 1, "_unique2": 1, "nonzero": 1}
+    cfg = tiny_config(tmp_path, "waits", train={"device": "cpu"}, optimizer={"type": "SGD", "lr": 0.01})
+    trainer = Trainer(load_config(cfg))
+    totals, call = [], trainer.call
+    trainer.call = lambda event: (totals.append(waits.total) if event == "after_step" else None, call(event))
+    try:
+        with DeviceWaits() as waits:
+            trainer.train_epoch(0)
+    finally:
+        trainer.close()
+    assert len(totals) == 4 and totals[1:] == totals[:1] * 3, totals  # none between step ends

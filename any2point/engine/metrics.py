@@ -16,8 +16,10 @@ from torch import Tensor
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts; row = true class, column = prediction."""
-    idx = target.long() * num_classes + pred.long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    idx = target.long().flatten() * num_classes + pred.long().flatten()
+    # index_add_, not bincount: bincount sizes its output from the data (a wait for a GPU).
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=idx.device)
+    return counts.index_add_(0, idx, torch.ones_like(idx)).view(num_classes, num_classes)
 
 
 @dataclass

@@ -46,6 +46,7 @@ from any2point.utils.cpu_memory import keep_freed_memory, release_freed_memory
 logger = logging.getLogger("any2point")
 
 LAST, BEST = "ckpt-last.pth", "ckpt-best.pth"
+POSTFIX_EVERY = 10  # steps between the progress bar's loss readings (each one waits for the device)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -293,7 +294,9 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                    disable=None if distributed.is_main() else True)
-        for batch in bar:
+        # No host-device synchronisation per step: the loss is summed on the device, and the bar
+        # (shown on a terminal only) reads it every POSTFIX_EVERY steps.
+        for step, batch in enumerate(bar):
             with autocast(self.device, t.amp):
                 outputs = self.task.forward(self.net, batch, self.device)
             loss = self.task.loss(outputs, batch)
@@ -304,9 +307,10 @@ class Trainer:
             self.optimizer.step()
             self.call("after_step")
             meter.add(outputs.detach(), batch)
-            totals += torch.tensor([loss.item() * len(outputs), len(outputs)], dtype=torch.float64,
-                                   device=self.device)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            totals[0] += loss.detach().double() * len(outputs)
+            totals[1] += len(outputs)
+            if not bar.disable and step % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         loss_sum, count = distributed.all_reduce_sum(totals).tolist()
         return {"loss": loss_sum / count, "acc": self.task.score(meter.compute()),
                 "lr": self.optimizer.param_groups[0]["lr"]}
