@@ -334,6 +334,16 @@ def machine_name() -> str:
 
 
 def peak_rss_bytes() -> int:
+    """The process's peak resident memory: ``VmHWM`` on Linux (``ru_maxrss`` there can carry the
+    parent's resident memory over ``fork`` and ``exec``, so a fresh process spawned by a large one
+    would report the parent's), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
