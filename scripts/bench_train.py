@@ -15,9 +15,9 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
 - ``matmul_flops_per_s``: the best of several dense square matmuls (fp32, or bf16 with ``--amp``)
   timed in the same run, before and after the steps; ``mfu`` = FLOPs per step / median step time /
   that figure, and ``mfu_thread_cpu`` the same from thread CPU times (step and matmul);
-- ``device_waits_per_step``: operators of one step that would make the host wait for a CUDA
-  device (reading a value, data-dependent output sizes; ``any2point/utils/device_waits.py``),
-  counted on any device, and ``device_waits`` per operator;
+- ``device_waits_per_step``: operators of one step's forward and backward passes that would make
+  the host wait for a CUDA device (reading a value, data-dependent output sizes;
+  ``any2point/utils/device_waits.py``), counted on any device, and ``device_waits`` per operator;
 - ``peak_memory_bytes``: CUDA ``max_memory_allocated`` over a step; on the CPU the peak resident
   memory of a fresh process that builds the model and runs two steps (``memory_process``), and its
   resident memory before the first step (``rss_before_step_bytes``);
@@ -178,8 +178,12 @@ def matmul_flops_per_s(device: torch.device, amp: bool, size: int = 2048, repeat
 
 
 def count_flops(step: Step, waits: Optional[DeviceWaits] = None) -> int:
-    with FlopCounterMode(display=False) as counter, (waits or contextlib.nullcontext()):
-        step()
+    """FLOPs of one step; ``waits`` counts the device waits of its forward and backward passes
+    (not the optimizer's: its step counters are CPU tensors by design)."""
+    with FlopCounterMode(display=False) as counter:
+        with waits or contextlib.nullcontext():
+            step.backward(step.forward())
+        step.update()
     return counter.get_total_flops()
 
 

@@ -66,7 +66,8 @@ class GroupedBatchNorm(nn.Module):
         all cells, empty ones included; docs/method.md deviation 5); ``None``: only the given rows."""
         x32 = x.float()
         if self.training:
-            present_rows = torch.bincount(group, minlength=self.num_groups).to(x32.dtype)[:, None]
+            # index_add_, not bincount or boolean masks: no value read back from a GPU.
+            present_rows = x32.new_zeros(self.num_groups, 1).index_add_(0, group, x32.new_ones(group.shape[0], 1))
             counts = present_rows if rows_per_group is None else torch.full_like(present_rows, rows_per_group)
             zeros = x32.new_zeros(self.num_groups, x32.shape[1])
             mean = zeros.index_add(0, group, x32) / counts.clamp_min(1)
@@ -88,11 +89,11 @@ class GroupedBatchNorm(nn.Module):
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, counts: Tensor) -> None:
         """Move the running statistics of the groups with rows towards the batch's ``(groups, C)``."""
-        present = counts[:, 0] > 0
+        present = counts > 0
         unbiased = var * counts / (counts - 1).clamp_min(1)
         m = self.momentum
-        self.running_mean[present] = (1 - m) * self.running_mean[present] + m * mean[present]
-        self.running_var[present] = (1 - m) * self.running_var[present] + m * unbiased[present]
+        self.running_mean.copy_(torch.where(present, (1 - m) * self.running_mean + m * mean, self.running_mean))
+        self.running_var.copy_(torch.where(present, (1 - m) * self.running_var + m * unbiased, self.running_var))
 
     def extra_repr(self) -> str:
         return (f"groups={self.num_groups}, channels={self.running_mean.shape[1]}, eps={self.eps}, "
