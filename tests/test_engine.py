@@ -268,8 +268,10 @@ def test_device_waits_are_counted_and_the_training_loop_adds_none(tmp_path: Path
         x[x > 0]
         torch.unique(x)
         x.nonzero()
+        x.tolist()
         (x * 2).sum()
-    assert waits.counts == {"_local_scalar_dense": 1, "index (boolean mask)": 1, "_unique2": 1, "nonzero": 1}
+    assert waits.counts == {"_local_scalar_dense": 1, "index (boolean mask)": 1, "_unique2": 1, "nonzero": 1,
+                            "tolist": 1}
     cfg = tiny_config(tmp_path, "waits", train={"device": "cpu"}, optimizer={"type": "SGD", "lr": 0.01})
     trainer = Trainer(load_config(cfg))
     totals, call = [], trainer.call

@@ -6,7 +6,7 @@ whose output size depends on the data (``nonzero``, ``unique``, ``masked_select`
 index, ``bincount`` without a known length, ``repeat_interleave`` without ``output_size``) waits
 for everything queued before it. :class:`DeviceWaits` counts such operators at the dispatcher, on
 any device, so a CPU run tells how often the same code would wait on a GPU. ``.tolist()`` reads
-memory without passing the dispatcher and is not counted.
+memory without passing the dispatcher; a function mode entered with the counter counts it.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten operators (overload packets) that read device memory back to the host.
@@ -24,6 +25,19 @@ WAITING_OPS = frozenset({
 })
 
 
+class _ToList(TorchFunctionMode):
+    """Counts ``Tensor.tolist`` calls into ``counts``."""
+
+    def __init__(self, counts: Counter[str]) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", None) == "tolist":
+            self.counts["tolist"] += 1
+        return func(*args, **(kwargs or {}))
+
+
 class DeviceWaits(TorchDispatchMode):
     """``with DeviceWaits() as waits: ...`` then ``waits.counts`` (operator -> calls) and
     ``waits.total``."""
@@ -31,6 +45,17 @@ class DeviceWaits(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self._tolist = _ToList(self.counts)
+
+    def __enter__(self) -> "DeviceWaits":
+        self._tolist.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._tolist.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
