@@ -14,6 +14,7 @@ import yaml
 
 from any2point import build_dataset, build_model, load_config
 from any2point.datasets.io import DataError, DatasetNotFoundError
+from any2point.datasets import shapenetpart
 from any2point.datasets.shapenetpart import PARTS
 from any2point.engine.evaluate import eval_loader, evaluate, evaluate_checkpoint, voting_dataset
 from any2point.engine.tasks import SegmentationTask, build_task
@@ -186,6 +187,33 @@ def test_shapenetpart_errors_name_the_file(tmp_path: Path) -> None:
     (root / "train_test_split" / "shuffled_val_file_list.json").write_text("{")
     with pytest.raises(DataError, match="shuffled_val_file_list.json: not a readable JSON list"):
         build_dataset(cfg, "val")
+
+
+def test_shapenetpart_parses_each_list_once_into_a_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shapes are parsed once per official list into a cache file next to the data; a second
+    dataset reads no text file; a changed file has its list parsed again; ``cache: false`` reads
+    the same points from the text files when items are fetched."""
+    root = tmp_path / "shapenetpart"
+    write_shapenetpart(root)
+    cfg = {"type": "ShapeNetPart", "root": str(root), "num_points": 16}
+    first = build_dataset(cfg, "trainval")
+    assert sorted(p.name.split(".")[1] for p in root.glob("parsed.*.npz")) == ["train", "val"]
+    parsed, read = [], shapenetpart.read_part_file
+    monkeypatch.setattr(shapenetpart, "read_part_file", lambda path, parts: parsed.append(path.name) or read(path, parts))
+    second = build_dataset(cfg, "trainval")
+    assert parsed == []
+    for i in range(len(first)):
+        assert np.array_equal(first.get_raw(i)[0], second.get_raw(i)[0])
+    changed = root / SYNSETS["Mug"] / "m1.txt"
+    changed.write_text(changed.read_text() + "0.5 0.5 0.5 0 0 1 37\n")
+    train = build_dataset({**cfg, "num_points": 41}, "train")
+    assert parsed == ["m1.txt", "t1.txt"]
+    assert train.starts.tolist() == [0, 41, 81]
+    uncached = build_dataset({**cfg, "num_points": 41, "cache": False}, "train")
+    parsed.clear()
+    for i in range(len(train)):
+        assert np.array_equal(uncached.get_raw(i)[0], train.get_raw(i)[0])
+    assert parsed == ["m1.txt", "t1.txt"]
 
 
 # -------------------------------------------------------------------------------------------------- model

@@ -210,9 +210,11 @@ def file_signature(path: Path, root: Path) -> str:
     return f"{path.relative_to(root).as_posix()} {stat.st_size} {stat.st_mtime_ns}"
 
 
-def cached_array(path: Path, signature: Sequence[str], compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """The array stored at ``path`` when the ``signature`` in its header equals ``signature``; else
-    ``compute()``, stored atomically with ``signature`` (a stale or unreadable cache is replaced).
+def cached_arrays(path: Path, signature: Sequence[str],
+                  compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays stored at ``path`` when the ``signature`` in its header equals ``signature``; else
+    ``compute()`` (a dict of named arrays), stored atomically with ``signature`` (a stale or
+    unreadable cache is replaced).
 
     The signature lists the source files with their sizes and mtimes (:func:`file_signature`) and the
     parameters of the computation, so a cache of changed data is never used.
@@ -221,19 +223,24 @@ def cached_array(path: Path, signature: Sequence[str], compute: Callable[[], np.
         try:
             with np.load(path, allow_pickle=False) as stored:
                 if stored["signature"].tolist() == list(signature):
-                    return stored["data"]
+                    return {key: stored[key] for key in stored.files if key != "signature"}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable: recompute and overwrite below
     data = compute()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, data=data, signature=np.array(list(signature), dtype=str))
+            np.savez(f, **data, signature=np.array(list(signature), dtype=str))
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write the cache {path} ({e}); it is recomputed on every run", stacklevel=2)
     return data
+
+
+def cached_array(path: Path, signature: Sequence[str], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """:func:`cached_arrays` for one array."""
+    return cached_arrays(path, signature, lambda: {"data": compute()})["data"]
 
 
 def furthest_point_indices(clouds: Clouds, num_points: int, desc: str) -> np.ndarray:

@@ -7,22 +7,28 @@ per synset holding ``<shape id>.txt`` files (one point per line: ``x y z nx ny n
 global index in ``[0, 50)``), and ``train_test_split/shuffled_{train,val,test}_file_list.json``
 (lists of ``shape_data/<synset>/<shape id>``). ``trainval`` is train + val, the usual training set.
 
-Each shape is read when its item is fetched, its xyz centred and scaled into the unit sphere (the
-usual normalisation), then ``num_points`` points are drawn: without replacement when the shape has
+The shapes of each official list are parsed once (with a progress bar) and kept in
+``parsed.<list>.<digest>.npz`` next to the data, whose header records every file's size and mtime
+(parsed again when any changes; ``cache: false`` reads each shape's text file when its item is
+fetched). An item's xyz is centred and scaled into the unit sphere (the usual normalisation), then
+``num_points`` points are drawn: without replacement when the shape has
 that many, else all of them and the rest again at random. Training splits draw new points every
 epoch (and run seed); ``val`` and ``test`` the same points in every pass (so voting averages over
 fixed points).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from any2point.datasets.base import PartDataset, split_kind
-from any2point.datasets.io import DataError, normalize_unit_sphere, read_lines, require_path
+from any2point.datasets.io import (DataError, cached_arrays, file_signature, normalize_unit_sphere, read_lines,
+                                  require_path)
 from any2point.registry import DATASETS, ConfigError
 
 PARTS: dict[str, int] = {
@@ -81,6 +87,7 @@ class ShapeNetPart(PartDataset):
         categories: names of the categories to use (default all 16); labels follow this order,
             parts keep their global indices.
         normalize: centre each shape and scale it into the unit sphere.
+        cache: parse the shapes once into a cache file next to the data (see the module docstring).
         transforms, seed: see :class:`~any2point.datasets.base.PointDataset`.
     """
 
@@ -89,7 +96,7 @@ class ShapeNetPart(PartDataset):
 
     def __init__(self, split: str, root: str = "data/shapenetcore_partanno_segmentation_benchmark_v0_normal",
                  num_points: int = 2048, categories: Optional[list] = None, normalize: bool = True,
-                 transforms: Optional[dict] = None, seed: int = 0) -> None:
+                 cache: bool = True, transforms: Optional[dict] = None, seed: int = 0) -> None:
         super().__init__(split, transforms, seed)
         if num_points <= 0:
             raise ConfigError(f"ShapeNetPart.num_points must be > 0, got {num_points}")
@@ -116,7 +123,12 @@ class ShapeNetPart(PartDataset):
         label_of = {name: k for k, name in enumerate(names)}
         self.files: list[Path] = []
         self._labels: list[int] = []
+        # The parsed shapes (all points of all shapes, one after the other) and where each starts.
+        self.parsed: Optional[np.ndarray] = None
+        self.starts = np.zeros(1, dtype=np.int64)
+        chunks = []
         for official in SPLIT_FILES[split]:
+            files, labels = [], []
             for entry in self._split_list(official):
                 parts = entry.split("/")
                 if len(parts) < 2 or parts[-2] not in synsets:
@@ -124,8 +136,34 @@ class ShapeNetPart(PartDataset):
                                     f"{index_file}")
                 category = synsets[parts[-2]]
                 if category in label_of:
-                    self.files.append(self.root / parts[-2] / f"{parts[-1]}.txt")
-                    self._labels.append(label_of[category])
+                    files.append(self.root / parts[-2] / f"{parts[-1]}.txt")
+                    labels.append(label_of[category])
+            if cache:
+                chunks.append(self._parsed(official, files, labels))
+            self.files += files
+            self._labels += labels
+        if cache:
+            self.parsed = np.concatenate([points for points, _ in chunks]) if chunks else np.zeros((0, 7), np.float32)
+            counts = np.concatenate([c for _, c in chunks]) if chunks else np.zeros(0, np.int64)
+            self.starts = np.concatenate([[0], np.cumsum(counts)])
+
+    def _parsed(self, official: str, files: list[Path], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(points (P, 7), counts (S,))`` of the official list's shapes ``files``, from the cache
+        file when its header matches the files' sizes and mtimes, else parsed and cached."""
+        for path in files:
+            require_path(path, f"(ShapeNetPart) listed in {self._split_path(official).name}; {HINT}")
+        signature = ["shapenetpart parsed v1", *(file_signature(path, self.root) for path in files)]
+        digest = hashlib.sha1("\n".join(p.relative_to(self.root).as_posix() for p in files).encode()).hexdigest()[:12]
+
+        def parse() -> dict[str, np.ndarray]:
+            shapes = [read_part_file(path, self.category_parts[label])
+                      for path, label in tqdm(list(zip(files, labels)), desc=f"ShapeNetPart: parsing {official}",
+                                              unit="shape", disable=None)]
+            points = np.concatenate(shapes) if shapes else np.zeros((0, 7), np.float32)
+            return {"points": points, "counts": np.array([len(x) for x in shapes], dtype=np.int64)}
+
+        stored = cached_arrays(self.root / f"parsed.{official}.{digest}.npz", signature, parse)
+        return stored["points"], stored["counts"]
 
     def _split_path(self, official: str) -> Path:
         return self.root / "train_test_split" / f"shuffled_{official}_file_list.json"
@@ -149,8 +187,11 @@ class ShapeNetPart(PartDataset):
     def get_raw(self, index: int) -> tuple[np.ndarray, int]:
         """Read shape ``index``: ``(points (num_points, 7) float32, category)``, columns xyz, normal, part."""
         label = self._labels[index]
-        path = require_path(self.files[index], f"(ShapeNetPart) listed in the {self.split} split; {HINT}")
-        data = read_part_file(path, self.category_parts[label])
+        if self.parsed is not None:
+            data = self.parsed[self.starts[index]:self.starts[index + 1]].copy()
+        else:
+            path = require_path(self.files[index], f"(ShapeNetPart) listed in the {self.split} split; {HINT}")
+            data = read_part_file(path, self.category_parts[label])
         if self.normalize:
             normalize_unit_sphere(data[:, :3])
         training = split_kind(self.split) == "train"
