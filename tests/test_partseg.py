@@ -351,11 +351,40 @@ def test_visualize_draws_true_and_predicted_parts(seg_run: tuple[Path, float], t
         assert_not_blank(tmp_path / name)
 
 
-def test_predict_refuses_a_part_segmentation_checkpoint(seg_run: tuple[Path, float], tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
-    from tools.predict import main
+def test_predict_labels_the_points_of_a_file_with_the_category_parts(seg_run: tuple[Path, float], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """tools/predict.py on a segmentation checkpoint: the category is required and checked; each
+    point of the prepared cloud gets one of that category's parts, the same as the model's own
+    restricted prediction; the file lists the points with their parts."""
+    from any2point.engine.evaluate import load_model
+    from tools.predict import Preparer, main
 
+    ckpt = str(seg_run[0].parent / "seg" / "ckpt-best.pth")
     cloud = tmp_path / "cloud.npy"
     np.save(cloud, np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32))
-    assert main(["--ckpt", str(seg_run[0].parent / "seg" / "ckpt-best.pth"), str(cloud)]) == 2
-    assert "is a part_segmentation checkpoint; tools/predict.py classifies shapes" in capsys.readouterr().err
+    assert main(["--ckpt", ckpt, str(cloud)]) == 2
+    assert "give the shapes' category with --category (one of mug, table)" in capsys.readouterr().err
+    assert main(["--ckpt", ckpt, str(cloud), "--category", "lamp"]) == 2
+    assert "'lamp' is not one of the checkpoint's categories: mug, table" in capsys.readouterr().err
+    out = tmp_path / "parts"
+    torch.manual_seed(0)  # the tiny source is random (pretrained: null): build it the same way twice
+    assert main(["--ckpt", ckpt, str(cloud), "--category", "table", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cloud.npy: table: points per part: table/" in printed and str(out / "cloud.parts.txt") in printed
+    rows = np.loadtxt(out / "cloud.parts.txt")
+    torch.manual_seed(0)
+    model, cfg, state = load_model(ckpt)
+    table_parts = state["category_parts"][1]
+    assert rows.shape == (128, 4) and set(rows[:, 3].astype(int)) <= set(table_parts)
+    points = Preparer(cfg, None, True, 0)(cloud, 0)
+    assert np.allclose(rows[:, :3], points.numpy(), atol=1e-6)
+    with torch.no_grad():
+        logits = model(points[None], torch.tensor([1]))
+    mask = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
+    mask[0, table_parts] = True
+    expected = logits.masked_fill(~mask, float("-inf")).argmax(-1)[0]
+    assert np.array_equal(rows[:, 3].astype(int), expected.numpy())
+    assert main(["--ckpt", str(seg_run[0].parent / "seg" / "ckpt-best.pth"), str(cloud), "--category", "mug",
+                 "--json", "--out", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)["results"][0]
+    assert record["category"] == "mug" and sum(record["parts"].values()) == 128

@@ -1,6 +1,8 @@
-"""Classify your own shape files with a trained checkpoint.
+"""Classify your own shape files with a trained checkpoint, or label their points with the parts of a
+part-segmentation checkpoint.
 
     python tools/predict.py --ckpt experiments/demo/ckpt-best.pth cloud.ply meshes/ [--top-k 5] [--json]
+    python tools/predict.py --ckpt experiments/demo_partseg/ckpt-best.pth mug.ply --category mug [--out parts/]
 
 Files: point clouds ``.npy .npz .txt .xyz .pts`` and meshes ``.ply .obj .off .stl`` (sampled
 uniformly on the surface); a folder is searched recursively for them. Each cloud is prepared as the
@@ -8,7 +10,10 @@ checkpoint's test data was: a mesh is sampled with the dataset's ``num_points`` 
 dataset has no such key), a larger cloud is reduced to that many by furthest point sampling, the
 cloud is centred and scaled into the unit sphere (``--no-normalize`` keeps it as it is), and the
 dataset's test transforms are applied. Prints the top-k classes with their probabilities, or one
-JSON object with ``--json``. A file that cannot be read is reported on its own line; the others are
+JSON object with ``--json``. With a part-segmentation checkpoint, ``--category`` names the shapes'
+category (the model is conditioned on it), each point gets the most likely of that category's
+parts, and ``<out>/<file stem>.parts.txt`` holds the prepared points, one ``x y z part`` line each
+(the part's global index); the printout gives the points per part. A file that cannot be read is reported on its own line; the others are
 still classified, and the exit status is 1.
 """
 from __future__ import annotations
@@ -90,20 +95,58 @@ def predict(model: torch.nn.Module, points: torch.Tensor, names: list[str], top_
             for p, i in zip(values.tolist(), labels.tolist())]
 
 
+@torch.no_grad()
+def predict_parts(model: torch.nn.Module, points: torch.Tensor, label: int, parts: list[int]) -> torch.Tensor:
+    """The part ``(N,)`` of each point of one cloud ``(N, 3)`` of category ``label``: the most likely
+    of the category's ``parts``."""
+    device = next(model.parameters()).device
+    logits = model(points[None].to(device), torch.tensor([label], device=device)).float()[0].cpu()
+    allowed = torch.tensor(parts)
+    return allowed[logits[:, allowed].argmax(-1)]
+
+
+def part_info(cfg: DictConfig, ckpt: dict[str, Any]) -> tuple[list[list[int]], list[str]]:
+    """A segmentation checkpoint's categories' parts and part names (older checkpoints: those of the
+    config's test split)."""
+    if ckpt.get("category_parts") and ckpt.get("part_names"):
+        return [list(p) for p in ckpt["category_parts"]], list(ckpt["part_names"])
+    dataset = build_dataset(cfg.dataset, "test")
+    return [list(p) for p in dataset.category_parts], list(dataset.part_names)
+
+
 def run(ckpt: str, paths: Sequence[str], top_k: int = 5, num_points: Optional[int] = None, normalize: bool = True,
-        seed: int = 0, device: Optional[str] = None) -> list[dict[str, Any]]:
-    """One record per file: ``{"file", "predictions"}`` or ``{"file", "error"}``."""
+        seed: int = 0, device: Optional[str] = None, category: Optional[str] = None,
+        out: str = "predictions") -> list[dict[str, Any]]:
+    """One record per file: ``{"file", "predictions"}`` (classification), ``{"file", "category",
+    "parts", "output"}`` (part segmentation) or ``{"file", "error"}``."""
     files = collect_files(paths)
     model, cfg, state = load_model(ckpt, device=torch.device(device) if device else None)
-    if state.get("task", "classification") != "classification":
-        raise UserError(f"{ckpt} is a {state['task']} checkpoint; tools/predict.py classifies shapes (draw a "
-                        f"test shape's predicted parts with tools/visualize.py --figures parts)")
     names = class_names(cfg, state)
+    segmentation = state.get("task", "classification") == "part_segmentation"
+    if segmentation:
+        if category is None:
+            raise UserError(f"{ckpt} is a part-segmentation checkpoint: give the shapes' category with "
+                            f"--category (one of {', '.join(names)})")
+        if category not in names:
+            raise UserError(f"--category '{category}' is not one of the checkpoint's categories: {', '.join(names)}")
+        category_parts, part_names = part_info(cfg, state)
+        label, out_dir = names.index(category), Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    elif category is not None:
+        raise UserError(f"--category is for part-segmentation checkpoints; {ckpt} is a classification one")
     prepare = Preparer(cfg, num_points, normalize, seed)
     records = []
     for index, path in enumerate(files):
         try:
-            records.append({"file": str(path), "predictions": predict(model, prepare(path, index), names, top_k)})
+            points = prepare(path, index)
+            if not segmentation:
+                records.append({"file": str(path), "predictions": predict(model, points, names, top_k)})
+                continue
+            parts = predict_parts(model, points, label, category_parts[label])
+            target = out_dir / f"{path.stem}.parts.txt"
+            np.savetxt(target, np.column_stack([points.numpy(), parts.numpy()]), fmt=["%.6f"] * 3 + ["%d"])
+            counts = {part_names[p]: int((parts == p).sum()) for p in category_parts[label]}
+            records.append({"file": str(path), "category": category, "parts": counts, "output": str(target)})
         except ValueError as e:  # DataError (unreadable file) or a cloud the model cannot take
             records.append({"file": str(path), "error": str(e)})
     return records
@@ -119,6 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-normalize", action="store_true", help="do not centre and scale into the unit sphere")
     parser.add_argument("--seed", type=int, default=0, help="seed of mesh sampling and random test transforms")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the checkpoint config's train.device)")
+    parser.add_argument("--category", help="part segmentation: the shapes' category (the model is conditioned on it)")
+    parser.add_argument("--out", default="predictions",
+                        help="part segmentation: folder of the <file stem>.parts.txt outputs (default predictions/)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
@@ -129,13 +175,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Classify and print; 1 if a file could not be classified."""
-    records = run(args.ckpt, args.paths, args.top_k, args.num_points, not args.no_normalize, args.seed, args.device)
+    records = run(args.ckpt, args.paths, args.top_k, args.num_points, not args.no_normalize, args.seed, args.device,
+                  args.category, args.out)
     failed = [r for r in records if "error" in r]
     if args.json:
         print(json.dumps({"checkpoint": args.ckpt, "results": records}, indent=2))
     else:
         for r in records:
             if "error" in r:
+                continue
+            if "parts" in r:
+                counts = "  ".join(f"{name} {count}" for name, count in r["parts"].items())
+                print(f"{r['file']}: {r['category']}: points per part: {counts} -> {r['output']}")
                 continue
             best = "  ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in r["predictions"])
             print(f"{r['file']}: {best}")

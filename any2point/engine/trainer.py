@@ -208,7 +208,15 @@ class Trainer:
                 "best_epoch": self.best_epoch, "protocol": self.protocol, "rng": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "source": source() if source else None, "task": self.task.name,
-                "class_names": self.task.class_names}
+                "class_names": self.task.class_names, **self._part_info()}
+
+    def _part_info(self) -> dict[str, Any]:
+        """A segmentation checkpoint's categories' parts and part names (tools/predict.py needs them
+        without the dataset)."""
+        if not hasattr(self.train_set, "category_parts"):
+            return {}
+        return {"category_parts": [list(p) for p in self.train_set.category_parts],
+                "part_names": list(self.train_set.part_names)}
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         if distributed.is_main():
