@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,21 +37,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The experiment folder of a trained :data:`TINY_RUN` (checkpoints, config, log, TensorBoard)."""
+def train_once(root: Path, name: str, config: dict) -> tuple[Path, Any]:
+    """Write ``config`` (experiment ``name`` under ``root``) and train it on one thread: the config
+    file and the final test metrics."""
     import yaml
 
     from any2point.config import load_config
     from any2point.engine.trainer import Trainer
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY_RUN, "experiment": {"name": "tiny", "output_dir": str(root)}}))
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**config, "experiment": {"name": name, "output_dir": str(root)}}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        Trainer(load_config(path)).fit()
+        return path, Trainer(load_config(path)).fit()
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The experiment folder of a trained :data:`TINY_RUN` (checkpoints, config, log, TensorBoard)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    train_once(root, "tiny", TINY_RUN)
     return root / "tiny"

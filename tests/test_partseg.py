@@ -19,7 +19,7 @@ from any2point.datasets.shapenetpart import PARTS
 from any2point.engine.evaluate import eval_loader, evaluate, evaluate_checkpoint, voting_dataset
 from any2point.engine.tasks import SegmentationTask, build_task
 from any2point.registry import ConfigError
-from tests.conftest import TINY_SOURCES
+from tests.conftest import TINY_SOURCES, train_once
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -305,17 +305,7 @@ SEG_RUN = {"model": {"type": "Any2PointSeg", "num_classes": 2, "num_parts": 4, "
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     """A one-epoch run of a tiny Any2PointSeg: its config file and its test instance mIoU."""
-    from any2point.engine.trainer import Trainer
-
-    root = tmp_path_factory.mktemp("seg")
-    path = root / "seg.yaml"
-    path.write_text(yaml.safe_dump({**SEG_RUN, "experiment": {"name": "seg", "output_dir": str(root)}}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        m = Trainer(load_config(path)).fit()
-    finally:
-        torch.set_num_threads(threads)
+    path, m = train_once(tmp_path_factory.mktemp("seg"), "seg", SEG_RUN)
     return path, m.instance_miou
 
 
@@ -384,7 +374,7 @@ def test_predict_labels_the_points_of_a_file_with_the_category_parts(seg_run: tu
     mask[0, table_parts] = True
     expected = logits.masked_fill(~mask, float("-inf")).argmax(-1)[0]
     assert np.array_equal(rows[:, 3].astype(int), expected.numpy())
-    assert main(["--ckpt", str(seg_run[0].parent / "seg" / "ckpt-best.pth"), str(cloud), "--category", "mug",
+    assert main(["--ckpt", ckpt, str(cloud), "--category", "mug",
                  "--json", "--out", str(out)]) == 0
     record = json.loads(capsys.readouterr().out)["results"][0]
     assert record["category"] == "mug" and sum(record["parts"].values()) == 128

@@ -245,6 +245,26 @@ def _normalize(points: np.ndarray) -> np.ndarray:
     return points / np.sqrt((points ** 2).sum(axis=1).max())
 
 
+def check_generator_settings(dataset: str, *, seed: int, num_points: int, train_size: int, val_size: int,
+                             test_size: int, noise: float, anisotropy: float, rotation: str,
+                             rotations: tuple[str, ...]) -> None:
+    """The settings the synthetic datasets share, checked; an error names ``<dataset>.<key>``."""
+    if seed < 0:
+        raise ConfigError(f"{dataset}.seed must be >= 0, got {seed}")
+    if num_points <= 0:
+        raise ConfigError(f"{dataset}.num_points must be > 0, got {num_points}")
+    for key, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
+        if size < 0:
+            raise ConfigError(f"{dataset}.{key} must be >= 0, got {size}")
+    if noise < 0:
+        raise ConfigError(f"{dataset}.noise must be >= 0, got {noise}")
+    if not 0 <= anisotropy < 1:
+        raise ConfigError(f"{dataset}.anisotropy must be in [0, 1), got {anisotropy}")
+    if rotation not in rotations:
+        names = ", ".join(f"'{r}'" for r in rotations[:-1])
+        raise ConfigError(f"{dataset}.rotation must be {names} or '{rotations[-1]}', got '{rotation}'")
+
+
 @DATASETS.register()
 class SyntheticShapes(PointDataset):
     """Procedural shapes on the fly; every item is a pure function of ``(seed, split, index)``.
@@ -273,25 +293,14 @@ class SyntheticShapes(PointDataset):
                  anisotropy: float = 0.2, occlusion: float = 0.5, max_occluded: float = 0.3,
                  rotation: Literal["so3", "up", "none"] = "so3") -> None:
         super().__init__(split, transforms, seed)
-        if seed < 0:
-            raise ConfigError(f"SyntheticShapes.seed must be >= 0, got {seed}")
-        if num_points <= 0:
-            raise ConfigError(f"SyntheticShapes.num_points must be > 0, got {num_points}")
-        for key, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            if size < 0:
-                raise ConfigError(f"SyntheticShapes.{key} must be >= 0, got {size}")
-        if noise < 0:
-            raise ConfigError(f"SyntheticShapes.noise must be >= 0, got {noise}")
-        if not 0 <= anisotropy < 1:
-            raise ConfigError(f"SyntheticShapes.anisotropy must be in [0, 1), got {anisotropy}")
+        check_generator_settings("SyntheticShapes", seed=seed, num_points=num_points, train_size=train_size,
+                                 val_size=val_size, test_size=test_size, noise=noise, anisotropy=anisotropy,
+                                 rotation=rotation, rotations=("so3", "up", "none"))
         if not 0 <= occlusion <= 1:
             raise ConfigError(f"SyntheticShapes.occlusion must be a probability in [0, 1], "
                               f"got {occlusion}")
         if not 0 <= max_occluded < 1:
             raise ConfigError(f"SyntheticShapes.max_occluded must be in [0, 1), got {max_occluded}")
-        if rotation not in ("so3", "up", "none"):
-            raise ConfigError(f"SyntheticShapes.rotation must be 'so3', 'up' or 'none', "
-                              f"got '{rotation}'")
         names = list(SHAPES) if classes is None else list(classes)
         unknown = [c for c in names if c not in SHAPES]
         if unknown:

@@ -21,7 +21,8 @@ from typing import Callable, Literal, Optional
 import numpy as np
 
 from any2point.datasets.base import PartDataset
-from any2point.datasets.synthetic import (_SPLIT_CODES, _Z_TO_Y, _disc, _normalize, _pick, sample_torus_surface)
+from any2point.datasets.synthetic import (_SPLIT_CODES, _Z_TO_Y, _disc, _normalize, _pick, check_generator_settings,
+                                          sample_torus_surface)
 from any2point.datasets.transforms import axis_rotation_matrix, random_rotation_matrix
 from any2point.registry import DATASETS, ConfigError
 
@@ -213,19 +214,9 @@ class SyntheticParts(PartDataset):
                  categories: Optional[list] = None, noise: float = 0.005, anisotropy: float = 0.15,
                  rotation: Literal["none", "up", "so3"] = "none") -> None:
         super().__init__(split, transforms, seed)
-        if seed < 0:
-            raise ConfigError(f"SyntheticParts.seed must be >= 0, got {seed}")
-        if num_points <= 0:
-            raise ConfigError(f"SyntheticParts.num_points must be > 0, got {num_points}")
-        for key, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            if size < 0:
-                raise ConfigError(f"SyntheticParts.{key} must be >= 0, got {size}")
-        if noise < 0:
-            raise ConfigError(f"SyntheticParts.noise must be >= 0, got {noise}")
-        if not 0 <= anisotropy < 1:
-            raise ConfigError(f"SyntheticParts.anisotropy must be in [0, 1), got {anisotropy}")
-        if rotation not in ("none", "up", "so3"):
-            raise ConfigError(f"SyntheticParts.rotation must be 'none', 'up' or 'so3', got '{rotation}'")
+        check_generator_settings("SyntheticParts", seed=seed, num_points=num_points, train_size=train_size,
+                                 val_size=val_size, test_size=test_size, noise=noise, anisotropy=anisotropy,
+                                 rotation=rotation, rotations=("none", "up", "so3"))
         names = list(CATEGORIES) if categories is None else list(categories)
         unknown = [c for c in names if c not in CATEGORIES]
         if unknown:
