@@ -24,7 +24,7 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
 - ``stages``: per stage of the model (tokenizer, projection, blocks, adapters, head, other) the time
   of its operators, forward and backward, its counted FLOPs and FLOP/s, and the optimizer's time
   (clipping and the update). An operator belongs to the stage of the innermost frame of the model's
-  source files that called it (``models/tokenizer.py`` -> tokenizer, ``models/backbones/`` ->
+  source files that called it (``models/any2point/tokenizer.py`` -> tokenizer, ``models/sources/`` ->
   blocks, ...); in the backward pass, outside such frames (custom autograd functions run their
   own), an operator belongs to the stage whose forward operator created the autograd node being
   run. The FLOPs are those of the registry of ``torch.utils.flop_counter``, which does not count
@@ -75,12 +75,14 @@ STAGES = ("tokenizer", "projection", "blocks", "adapters", "head", "other")
 # Source files of the model -> stage; the innermost matching frame of a call decides.
 MODEL_DIR = ROOT / "any2point" / "models"
 FILE_STAGES = (
-    (MODEL_DIR / "tokenizer.py", "tokenizer"),
+    (MODEL_DIR / "any2point" / "tokenizer.py", "tokenizer"),
     (MODEL_DIR / "pointnet.py", "tokenizer"),
-    (MODEL_DIR / "projection.py", "projection"),
-    (MODEL_DIR / "adapter.py", "adapters"),
-    (MODEL_DIR / "peft", "adapters"),
-    (MODEL_DIR / "backbones", "blocks"),
+    (MODEL_DIR / "any2point" / "projection.py", "projection"),
+    (MODEL_DIR / "any2point" / "adapter.py", "adapters"),
+    (MODEL_DIR / "any2point" / "tuner.py", "adapters"),
+    (MODEL_DIR / "point_peft", "adapters"),
+    (MODEL_DIR / "tuners", "adapters"),
+    (MODEL_DIR / "sources", "blocks"),
 )
 # Top-level children of the classifier whose work in its own file is the head's.
 HEAD_CHILDREN = ("head", "norm")
@@ -220,7 +222,7 @@ class StageTimer:
         self.in_backward = False
         self.tagged: set[int] = set()
         self.files = [(str(path), stage) for path, stage in FILE_STAGES]
-        self.classifier_file = str(MODEL_DIR / "classifier.py")
+        self.classifier_file = str(MODEL_DIR / "any2point" / "classifier.py")
         self.child_of = {id(module): name for name, child in model.named_children() for module in child.modules()}
         self.active: list[str] = []
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from any2point.models.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
-from any2point.models.peft.any2point import GuidedAdapter, ensemble_views
+from any2point.models.any2point.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
+from any2point.models.any2point.tuner import GuidedAdapter, ensemble_views
 from any2point.registry import ConfigError
 
 

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from any2point.errors import CheckpointError
 from any2point.models import build_model
-from any2point.models.backbones.base import AttentionWeight, SourceTransformer, single
-from any2point.models.backbones.clip_text import CLIPTextSource, SelfAttention
-from any2point.models.backbones.imagebind_audio import BiasKVAttention, ImageBindAudioSource
-from any2point.models.peft.lora import LoRA, LoRAWrapper
+from any2point.models.sources.base import AttentionWeight, SourceTransformer, single
+from any2point.models.sources.clip_text import CLIPTextSource, SelfAttention
+from any2point.models.sources.imagebind_audio import BiasKVAttention, ImageBindAudioSource
+from any2point.models.tuners.lora import LoRA, LoRAWrapper
 
 TINY = {
     "CLIPTextSource": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
@@ -59,7 +59,7 @@ def test_contract(name: str) -> None:
     state = source.state_dict()
     for buffer in ("pos_embed_1d", "pos_embed_2d", "cls_token", "cls_pos_embed"):
         assert buffer not in state
-    # A source neither freezes itself nor fixes its mode: the tuner decides (models/peft).
+    # A source neither freezes itself nor fixes its mode: the tuner decides (models/tuners).
     assert all(p.requires_grad for p in source.parameters())
     source.eval()
     assert not any(m.training for m in source.modules())

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from any2point import build_dataset, build_model, load_config
-from any2point.models.backbones.hf_encoder import HFEncoderSource, SourceUnavailableError
+from any2point.models.sources.hf_encoder import HFEncoderSource, SourceUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = load_config(ROOT / "cfgs/demo.yaml")

@@ -17,7 +17,7 @@ from any2point import build_model, load_config
 from any2point.engine import checkpoint
 from any2point.errors import CheckpointError
 from main import main as main_entry
-from any2point.official import (POINT_PEFT_RUNS, RUNS, compare_frozen, convert_state, model_keys, read_released,
+from any2point.convert.official import (POINT_PEFT_RUNS, RUNS, compare_frozen, convert_state, model_keys, read_released,
                                 swap_halves)
 from tools.convert_ckpt import RUN_NAMES
 from tools.convert_ckpt import main as convert_main

@@ -13,16 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from any2point import build_model
-from any2point.models.adapter import GroupedBatchNorm
-from any2point.models.backbones.clip_text import CLIPTextSource
-from any2point.models.backbones.imagebind_audio import BiasKVAttention, ImageBindAudioSource
-from any2point.models.classifier import Any2Point, ClassificationHead
-from any2point.models.peft.any2point import GuidedAdapter
-from any2point.models.projection import (VirtualProjection, official_grid_view, official_line_positions,
+from any2point.models.any2point.adapter import GroupedBatchNorm
+from any2point.models.sources.clip_text import CLIPTextSource
+from any2point.models.sources.imagebind_audio import BiasKVAttention, ImageBindAudioSource
+from any2point.models.any2point.classifier import Any2Point, ClassificationHead
+from any2point.models.any2point.tuner import GuidedAdapter
+from any2point.models.any2point.projection import (VirtualProjection, official_grid_view, official_line_positions,
                                          official_plane_positions, pointclip_line_directions,
                                          pointclip_view_rotations, sample_table_1d_official, sample_table_2d,
                                          scramble_2d)
-from any2point.models.tokenizer import PointPNStage, PointPNTokenizer
+from any2point.models.any2point.tokenizer import PointPNStage, PointPNTokenizer
 from tests.conftest import TINY_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from any2point import build_model
 from any2point.errors import CheckpointError
-from any2point.memory_bank import read_memory_bank, save_memory_bank
-from any2point.models.backbones.point_transformer import PointBERTSource, PointMAESource, group_points
-from any2point.models.peft.point_peft import geometry_neighbourhoods, point_prior_attention
+from any2point.models.point_peft.memory_bank import read_memory_bank, save_memory_bank
+from any2point.models.sources.point_transformer import PointBERTSource, PointMAESource, group_points
+from any2point.models.point_peft.tuner import geometry_neighbourhoods, point_prior_attention
 from any2point.registry import ConfigError
 from tools.build_memory_bank import build_bank
 from tools.build_memory_bank import main as bank_main

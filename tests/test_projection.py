@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from any2point.models.backbones.clip_text import CLIPTextSource
-from any2point.models.backbones.timm_vit import TimmViTSource
-from any2point.models.projection import (
+from any2point.models.sources.clip_text import CLIPTextSource
+from any2point.models.sources.timm_vit import TimmViTSource
+from any2point.models.any2point.projection import (
     VirtualProjection,
     euler_to_matrix,
     even_line_directions,
@@ -23,7 +23,7 @@ from any2point.models.projection import (
     sample_table_1d,
     sample_table_2d,
 )
-from any2point.models.tokenizer import sincos_embedding
+from any2point.models.any2point.tokenizer import sincos_embedding
 from any2point.registry import ConfigError
 
 PHI = (1 + math.sqrt(5)) / 2

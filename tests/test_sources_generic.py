@@ -21,9 +21,9 @@ from transformers import (ASTConfig, ASTModel, BertConfig, BertForMaskedLM, CLIP
 
 import main as entry
 from any2point.errors import CheckpointError
-from any2point.models.backbones.ast_audio import ASTSource
-from any2point.models.backbones.hf_encoder import HFEncoderSource, SourceUnavailableError
-from any2point.models.backbones.timm_vit import TimmViTSource
+from any2point.models.sources.ast_audio import ASTSource
+from any2point.models.sources.hf_encoder import HFEncoderSource, SourceUnavailableError
+from any2point.models.sources.timm_vit import TimmViTSource
 from any2point.registry import ConfigError
 from tools.count_params import count_params
 

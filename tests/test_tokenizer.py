@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from any2point.extensions import furthest_point_sample, gather, group, knn
-from any2point.models.tokenizer import PointPNStage, PointPNTokenizer, _pack_bits, _unpack_bits, sincos_embedding
+from any2point.models.any2point.tokenizer import PointPNStage, PointPNTokenizer, _pack_bits, _unpack_bits, sincos_embedding
 from any2point.registry import ConfigError
 
 

@@ -19,9 +19,9 @@ import main as entry
 from any2point import build_model, load_config
 from any2point.errors import CheckpointError
 from any2point.engine.checkpoint import load_trainable_state_dict, save_atomic, trainable_state_dict
-from any2point.models.backbones.base import AttentionWeight
-from any2point.models.peft.base import Tuner
-from any2point.models.peft.lora import LoRAWrapper
+from any2point.models.sources.base import AttentionWeight
+from any2point.models.tuners.base import Tuner
+from any2point.models.tuners.lora import LoRAWrapper
 from any2point.registry import MODELS, ConfigError
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

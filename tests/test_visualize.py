@@ -157,7 +157,7 @@ def test_pe_similarity_per_view(source: str) -> None:
     torch.testing.assert_close(views[:, 7], torch.ones(len(views)))
     assert mean[7] == pytest.approx(1.0) and (views <= 1 + 1e-5).all()
     # the averaged PE is the PE the model adds to a token at that point
-    from any2point.models.projection import normalize_to_unit_sphere
+    from any2point.models.any2point.projection import normalize_to_unit_sphere
 
     table = model.source.pos_embed_1d if source == "bert" else model.source.pos_embed_2d
     pe = model.projection(points[None], table).pe[0]

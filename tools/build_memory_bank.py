@@ -26,7 +26,7 @@ def build_bank(config: str, overrides: Sequence[str] = (), out: Optional[str] = 
     from omegaconf import OmegaConf
 
     from any2point import build_dataset, load_config
-    from any2point.memory_bank import extract_features, save_memory_bank
+    from any2point.models.point_peft.memory_bank import extract_features, save_memory_bank
     from any2point.registry import MODELS, ConfigError, build_from_cfg
 
     cfg = load_config(config, overrides)
@@ -61,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def command() -> None:
         if args.released:
-            from any2point.memory_bank import convert_released_bank
+            from any2point.models.point_peft.memory_bank import convert_released_bank
 
             features = convert_released_bank(args.released, args.out)
             print(json.dumps({"out": args.out, "features": list(features.shape)}))

@@ -19,7 +19,7 @@ def count_params(config: str, overrides: Sequence[str] = ()) -> dict[str, int]:
     import torch
 
     from any2point import build_model, load_config
-    from any2point.models.classifier import count_parameters
+    from any2point.models.any2point.classifier import count_parameters
 
     cfg = load_config(config, overrides)
     source = cfg.model.get("source")

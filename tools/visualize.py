@@ -186,7 +186,7 @@ def kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 100) -> np.ndarray:
 def pe_similarity(model: nn.Module, points: Tensor, index: int) -> tuple[Tensor, Tensor]:
     """Cosine similarity of point ``index``'s virtual-projection PE to every point's: per view
     ``(M, N)`` and of the view-averaged PE ``(N,)``, for one cloud ``(N, 3)``."""
-    from any2point.models.projection import normalize_to_unit_sphere, sample_table_1d, sample_table_2d
+    from any2point.models.any2point.projection import normalize_to_unit_sphere, sample_table_1d, sample_table_2d
 
     source, projection = model.source, model.projection
     if projection is None:

@@ -4,7 +4,7 @@
 (``torch.utils.checkpoint``, non-reentrant) and runs it again in the backward pass. A batch norm in
 training mode inside it would update its running statistics twice, once per run; while the second
 run lasts :func:`is_recomputing` is true, and the norms that read it (the guided adapter's
-:class:`~any2point.models.adapter.GroupedBatchNorm`) normalise with the same batch statistics but
+:class:`~any2point.models.any2point.adapter.GroupedBatchNorm`) normalise with the same batch statistics but
 leave their running statistics alone. Checkpoints may nest (a block inside which an adapter is
 checkpointed): everything run inside an outer recomputation counts as recomputed.
 """

@@ -2,7 +2,7 @@
 3D-pretrained source, with the released code's settings.
 
 **Point-prior prompt** (paper sec. 3.2). A memory bank holds the global features ``(M, C)`` of the
-training set, extracted once by the frozen pretrained encoder (:mod:`any2point.memory_bank`). Per
+training set, extracted once by the frozen pretrained encoder (:mod:`any2point.models.point_peft.memory_bank`). Per
 cloud, the frozen encoder's global feature ``f (B, C)`` queries the bank by parameter-free attention
 (:func:`point_prior_attention`): similarities ``s = (f / |f|) F^T``, the top ``K = P - 2`` entries,
 softmax weights over their similarities, their weighted sum ``a``; the *cache* is
@@ -56,11 +56,11 @@ from torch import Tensor
 from torch.func import functional_call
 
 from any2point.extensions import furthest_point_sample, gather, knn
-from any2point.memory_bank import check_bank_source, read_memory_bank
-from any2point.models.adapter import QuickGELU
-from any2point.models.backbones.base import SourceTransformer
-from any2point.models.peft.base import BlockHooks, Tuner
-from any2point.models.projection import Projected, VirtualProjection
+from any2point.models.point_peft.memory_bank import check_bank_source, read_memory_bank
+from any2point.models.any2point.adapter import QuickGELU
+from any2point.models.sources.base import SourceTransformer
+from any2point.models.tuners.base import BlockHooks, Tuner
+from any2point.models.any2point.projection import Projected, VirtualProjection
 from any2point.registry import MODELS, ConfigError
 
 logger = logging.getLogger("any2point")

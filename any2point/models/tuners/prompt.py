@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.peft.base import Tuner
+from any2point.models.tuners.base import Tuner
 from any2point.registry import MODELS, ConfigError
 
 

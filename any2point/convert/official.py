@@ -345,7 +345,7 @@ _PP_SOURCE_BIASES = ("norm1.bias", "norm2.bias", "attn.proj.bias", "mlp.fc1.bias
 
 def point_peft_mapper(prompt_depth: int) -> Mapper:
     """The key map of Point-PEFT's released ``PointTransformer_best`` (``module.``-prefixed keys under
-    ``base_model``) onto our :class:`~any2point.models.peft.point_peft.PointPEFT` model whose first
+    ``base_model``) onto our :class:`~any2point.models.point_peft.tuner.PointPEFT` model whose first
     ``prompt_depth`` blocks carry prompts; see :func:`convert_state` for the return value."""
 
     def mapper(key: str) -> tuple[Optional[Target], Optional[str], bool]:

@@ -6,7 +6,7 @@ For each targeted projection (``q``, ``k``, ``v``, output ``o``) of every block,
 zero, so the adapted model starts as the source.
 
 Where the projections live is the source's business
-(:meth:`~any2point.models.backbones.base.SourceTransformer.attention_weights`): separate ``nn.Linear``
+(:meth:`~any2point.models.sources.base.SourceTransformer.attention_weights`): separate ``nn.Linear``
 layers (transformers encoders), or one fused weight holding q, k and v as row blocks (open_clip's
 ``nn.MultiheadAttention.in_proj_weight``, timm's ``qkv`` Linear, ImageBind's attention). Hugging Face
 ``peft`` adapts whole ``nn.Linear`` modules, so it cannot put LoRA on q and v alone of a fused
@@ -25,8 +25,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call
 
-from any2point.models.backbones.base import AttentionWeight, SourceTransformer
-from any2point.models.peft.base import Tuner
+from any2point.models.sources.base import AttentionWeight, SourceTransformer
+from any2point.models.tuners.base import Tuner
 from any2point.registry import MODELS, ConfigError
 
 TARGETS = ("q", "k", "v", "o")

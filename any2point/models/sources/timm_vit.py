@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer,
+from any2point.models.sources.base import (AttentionWeight, ResidualHook, SourceTransformer,
                                              check_state_dict_keys, check_state_dict_shapes, fused_qkv,
                                              residual, single)
-from any2point.models.backbones.hf_encoder import hf_download_hint, resolve_pretrained
+from any2point.models.sources.hf_encoder import hf_download_hint, resolve_pretrained
 from any2point.errors import CheckpointError
 from any2point.registry import MODELS, ConfigError
 

@@ -4,7 +4,7 @@ sources so every tuner (full fine-tuning, frozen, LoRA, Point-PEFT's prompt and 
 them.
 
 A point source tokenizes its own points, with pretrained weights, in place of Point-PN and the
-virtual projection (:attr:`~any2point.models.backbones.base.SourceTransformer.modality_dim` is 3):
+virtual projection (:attr:`~any2point.models.sources.base.SourceTransformer.modality_dim` is 3):
 
 - :meth:`PointTransformerSource.tokenize`: ``points (B, N, 3) -> centres (B, G, 3), tokens (B, G, C)``:
   FPS picks G centres, each groups its ``group_size`` nearest points (kNN, the centre included)
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from any2point.errors import CheckpointError
 from any2point.extensions import furthest_point_sample, group, knn
-from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
+from any2point.models.sources.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              residual, single)
 from any2point.registry import MODELS, ConfigError
 

@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from any2point.errors import CheckpointError
-from any2point.models.backbones.base import AttentionWeight, ResidualHook, SourceTransformer, residual, single
+from any2point.models.sources.base import AttentionWeight, ResidualHook, SourceTransformer, residual, single
 from any2point.registry import MODELS, ConfigError
 
 if TYPE_CHECKING:  # the model library loads only when a source is built

@@ -21,7 +21,7 @@ contract"). A wrapper exposes:
 - :meth:`identity`: the name and the sha256 of the weight file, stored in checkpoints.
 
 A wrapper neither freezes itself nor fixes its train/eval mode: the tuner of the method
-(:mod:`any2point.models.peft`) decides which source parameters train and which mode the source's
+(:mod:`any2point.models.tuners`) decides which source parameters train and which mode the source's
 modules run in.
 """
 from __future__ import annotations

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.extensions import voxel_ids
-from any2point.models.backbones.base import SourceTransformer
-from any2point.models.tokenizer import sincos_embedding
+from any2point.models.sources.base import SourceTransformer
+from any2point.models.any2point.tokenizer import sincos_embedding
 from any2point.registry import MODELS, ConfigError
 
 PEKind = Literal["virtual", "none", "sinusoidal", "learnable"]

@@ -1,8 +1,8 @@
 """The Any2Point tuner: the any-to-3D guided adapter in every block of a frozen source (paper
-sec. 3, "Any-to-3D guided adapter"); its building blocks are in :mod:`any2point.models.adapter`.
+sec. 3, "Any-to-3D guided adapter"); its building blocks are in :mod:`any2point.models.any2point.adapter`.
 
 Per batch, the projection says which cell every point token is in, in every view
-(:meth:`~any2point.models.projection.VirtualProjection.token_cells`); :meth:`GuidedAdapter.context`
+(:meth:`~any2point.models.any2point.projection.VirtualProjection.token_cells`); :meth:`GuidedAdapter.context`
 turns that into the attention masks and segment ids all blocks share (:class:`GuidanceContext`).
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.extensions import voxel_ids
-from any2point.models.adapter import AdapterBlock, Pool, ViewLocalAttention, compact_segments, pool_segments
-from any2point.models.backbones.base import ResidualHook
-from any2point.models.peft.base import BlockHooks, Tuner
-from any2point.models.projection import CellKind, Projected, VirtualProjection
+from any2point.models.any2point.adapter import AdapterBlock, Pool, ViewLocalAttention, compact_segments, pool_segments
+from any2point.models.sources.base import ResidualHook
+from any2point.models.tuners.base import BlockHooks, Tuner
+from any2point.models.any2point.projection import CellKind, Projected, VirtualProjection
 from any2point.registry import MODELS, ConfigError
 from any2point.utils.activation_checkpoint import checkpoint as checkpointed
 

@@ -1,6 +1,6 @@
 """The tuner slot: one interface through which a method adapts a source transformer.
 
-A tuner decides, for the assembled classifier (:class:`any2point.models.classifier.Any2Point`):
+A tuner decides, for the assembled classifier (:class:`any2point.models.any2point.classifier.Any2Point`):
 
 - **what trains in the source**, by module structure (:meth:`Tuner.attach`): nothing (the frozen
   source of every parameter-efficient method), everything (full fine-tuning), or the modules the
@@ -10,7 +10,7 @@ A tuner decides, for the assembled classifier (:class:`any2point.models.classifi
   eval mode (no dropout, fixed norms) whatever ``train()`` is called with; a fine-tuned one follows;
 - **what it inserts into each block** (:meth:`Tuner.hooks`): modules replacing the residual adds
   after attention and after the FFN (:class:`BlockHooks`; the source's
-  :meth:`~any2point.models.backbones.base.SourceTransformer.forward_block` calls them), or wrapped
+  :meth:`~any2point.models.sources.base.SourceTransformer.forward_block` calls them), or wrapped
   layers inside the source (LoRA);
 - **how many prompt tokens the blocks carry** (:attr:`Tuner.num_prompts`, placed between the class
   token and the point tokens, rewritten before each block by :meth:`Tuner.enter_block`);
@@ -33,8 +33,8 @@ from typing import Any, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.backbones.base import ResidualHook, SourceTransformer
-from any2point.models.projection import Projected, VirtualProjection
+from any2point.models.sources.base import ResidualHook, SourceTransformer
+from any2point.models.any2point.projection import Projected, VirtualProjection
 
 logger = logging.getLogger("any2point")
 

@@ -2,7 +2,7 @@
 
 ``points (B, N, 3) -> logits (B, num_classes)``: Point-PN tokens ``(B, G, C)`` + the averaged
 virtual-projection PE (a 3D-pretrained source instead embeds its own groups of points and their
-centres, :mod:`any2point.models.backbones.point_transformer`) -> prepend the cls token (+ its PE)
+centres, :mod:`any2point.models.sources.point_transformer`) -> prepend the cls token (+ its PE)
 and the tuner's prompt tokens, if any -> the source's blocks, adapted by the tuner -> the source's
 final norm -> ``[max over point tokens, cls]`` (2C) -> head (2C -> 256 -> 256 -> classes, BN + ReLU +
 dropout).
@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.backbones.base import SourceTransformer
-from any2point.models.peft.base import Tuner
+from any2point.models.sources.base import SourceTransformer
+from any2point.models.tuners.base import Tuner
 from any2point.registry import MODELS, ConfigError, build_from_cfg
 from any2point.utils.activation_checkpoint import checkpoint
 
@@ -93,7 +93,7 @@ class Any2Point(nn.Module):
         tokenizer: ``type:`` mapping of the 3D tokenizer (default ``PointPNTokenizer``); gets ``dim``.
         projection: ``type:`` mapping of the virtual projection (default ``VirtualProjection``);
             gets ``source``.
-        tuner: ``type:`` mapping of the :class:`~any2point.models.peft.base.Tuner` that adapts the
+        tuner: ``type:`` mapping of the :class:`~any2point.models.tuners.base.Tuner` that adapts the
             source (default ``GuidedAdapter``, Any2Point's own); gets what it names in
             ``injected_args`` of ``dim``, ``depth``, ``num_views`` and ``projection``.
         head_widths: hidden widths of the classification head.

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.extensions import three_nn_interpolate
-from any2point.models.classifier import Any2Point, PEInjection
+from any2point.models.any2point.classifier import Any2Point, PEInjection
 from any2point.registry import MODELS, ConfigError
 
 
@@ -70,7 +70,7 @@ class Any2PointSeg(Any2Point):
     Args:
         num_classes: K, the number of categories (the one-hot's width).
         num_parts: P, the number of parts over all categories.
-        source, tokenizer, projection, tuner: as for :class:`~any2point.models.classifier.Any2Point`.
+        source, tokenizer, projection, tuner: as for :class:`~any2point.models.any2point.classifier.Any2Point`.
         levels: the blocks (numbered from 1) whose point tokens are propagated, in increasing order.
         token_dim: width of the projected multi-level token features.
         head_widths: hidden widths of the per-point MLP.

@@ -7,8 +7,8 @@
 """
 from __future__ import annotations
 
-from any2point.models.backbones.base import SourceTransformer
-from any2point.models.peft.base import Tuner
+from any2point.models.sources.base import SourceTransformer
+from any2point.models.tuners.base import Tuner
 from any2point.registry import MODELS
 
 

@@ -1,5 +1,5 @@
 """Building blocks of the any-to-3D guided adapter (paper sec. 3, "Any-to-3D guided adapter"); the
-tuner that wires them into the blocks is :class:`any2point.models.peft.any2point.GuidedAdapter`.
+tuner that wires them into the blocks is :class:`any2point.models.any2point.tuner.GuidedAdapter`.
 
 The adapter sits where each frozen block adds its FFN output ``f`` to the residual stream ``x``, on
 tokens ``(B, 1 + G, C)``:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.backbones.base import AttentionWeight, ResidualHook, SourceTransformer
-from any2point.models.backbones.hf_encoder import (build_hf_model, find_layers, hf_attention_weights, hf_config,
+from any2point.models.sources.base import AttentionWeight, ResidualHook, SourceTransformer
+from any2point.models.sources.hf_encoder import (build_hf_model, find_layers, hf_attention_weights, hf_config,
                                                    hf_download_hint, hf_weight_file, layer_runner, load_hf_model,
                                                    resolve_pretrained)
 from any2point.registry import MODELS, ConfigError

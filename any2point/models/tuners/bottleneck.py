@@ -12,7 +12,7 @@ import functools
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.peft.base import BlockHooks, Tuner
+from any2point.models.tuners.base import BlockHooks, Tuner
 from any2point.registry import MODELS, ConfigError
 
 
