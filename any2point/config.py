@@ -17,10 +17,12 @@ from typing import Any, Optional, Sequence
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from any2point.registry import (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, ConfigError,
-                                Registry, check_kwargs)
+import any2point.catalog  # noqa: F401  (fills every registry)
+from any2point.registry import (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, Registry, check_kwargs, constructor_keys,
+                                slots_of)
+from any2point.errors import ConfigError, FieldError
+from any2point.provenance import CLI, origin_of
 
-CLI = "the command line"
 
 
 class _Loader(yaml.SafeLoader):
@@ -46,14 +48,6 @@ def parse_yaml(text: str, where: str = "YAML text") -> Any:
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"YAML syntax error in {where}{at}: {problem}") from None
-
-
-class FieldError(ConfigError):
-    """An impossible value of one field of a config section (the section adds its name and file)."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key} {problem}")
-        self.key, self.problem = key, problem
 
 
 @dataclass
@@ -119,19 +113,6 @@ SECTION_REGISTRY: dict[str, Registry] = {"model": MODELS, "dataset": DATASETS, "
                                           "scheduler": SCHEDULERS}
 
 
-def origin_of(node: DictConfig, key: str) -> Optional[str]:
-    """The file (or the command line) that set ``key`` of ``node``, if recorded."""
-    root = node._get_root()
-    provenance = getattr(root._metadata, "provenance", None) or {}
-    full = node._get_full_key(key)
-    while full:
-        if full in provenance:
-            return provenance[full]
-        parent = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", full)  # "a.b[1].c" -> "a.b[1]" -> "a.b" -> "a"
-        if parent == full:
-            return None
-        full = parent
-    return None
 
 
 def _leaves(tree: Any, prefix: str = "") -> list[str]:
@@ -194,10 +175,22 @@ def _apply_override(cfg: DictConfig, item: str, provenance: dict[str, str]) -> N
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not add and (not isinstance(parent, DictConfig) or leaf not in parent):
-        raise ConfigError(f"override of unknown key '{key}' from {CLI}; write '+{key}=...' to add a new key")
+        _check_new_key(cfg, key, parent_key, leaf)
     OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     for sub in _leaves(value, key) if isinstance(value, dict) else [key]:
         provenance[sub] = CLI
+
+
+def _check_new_key(cfg: DictConfig, key: str, parent_key: str, leaf: str) -> None:
+    """An override of a key the config does not hold is fine when it is an argument of the class
+    that builds its mapping (``model.tuner.checkpoint=false``); else an error naming the allowed keys."""
+    target = _target_at(cfg, parent_key) if parent_key else None
+    if target is None:
+        raise ConfigError(f"override of unknown key '{key}' from {CLI}; write '+{key}=...' to add a new key")
+    allowed = constructor_keys(target)
+    if leaf not in allowed:
+        raise ConfigError(f"override of unknown key '{key}' from {CLI}: '{parent_key}' ({target.__name__}) takes "
+                          f"{', '.join(allowed)}")
 
 
 def _validate_dataclass(node: Any, schema: type, prefix: str, root: DictConfig) -> None:
@@ -223,48 +216,73 @@ def _origin(root: DictConfig, full_key: str) -> str:
     return f" (set in {origin})" if origin else ""
 
 
-ALL_REGISTRIES = (MODELS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULERS)
+def _typed_target(node: Any, path: str, registry: Registry) -> Any:
+    """The class that the ``type:`` mapping ``node`` names in ``registry``; anything else is an error
+    naming the key, the file that set it and the registered names of that kind."""
+    if not isinstance(node, DictConfig) or "type" not in node:
+        raise ConfigError(f"'{path}' must be a {registry.kind} mapping with a 'type' key; registered {registry.kind} "
+                          f"types: {', '.join(registry.names())}")
+    name = node["type"]
+    if name not in registry:
+        origin = origin_of(node, "type")
+        raise ConfigError(f"unknown {registry.kind} type '{name}' at '{path}'{f' (set in {origin})' if origin else ''}; "
+                          f"registered {registry.kind} types: {', '.join(registry.names())}")
+    return registry.get(name)
 
 
-def _registry_for(node: DictConfig, path: str) -> Optional[Registry]:
-    """The registry that holds a nested ``type:`` (``None`` if several do); an unknown name is an
-    error naming the key."""
-    type_name = node["type"]
-    hits = [r for r in ALL_REGISTRIES if type_name in r]
-    if hits:
-        return hits[0] if len(hits) == 1 else None
-    # list the names of the kind the key's path suggests ("dataset.transforms.train[0]": transforms)
-    parts = re.split(r"[.\[]", path)[::-1]
-    hinted = [r for part in parts for r in ALL_REGISTRIES if r.kind in part]
-    known = "; ".join(f"{r.kind} types: {', '.join(r.names())}" for r in (hinted[:1] or ALL_REGISTRIES))
-    origin = origin_of(node, "type")
-    raise ConfigError(f"unknown type '{type_name}' at '{path}'{f' (set in {origin})' if origin else ''}; "
-                      f"registered {known}")
+def _validate_typed(node: Any, path: str, registry: Registry) -> None:
+    """Check the ``type:`` mapping ``node`` against the signature of the class it names in
+    ``registry``, then the mappings in that class's slots against theirs."""
+    target = _typed_target(node, path, registry)
+    kwargs = {k: v for k, v in node.items() if k != "type"}
+    check_kwargs(target, kwargs, f"{registry.kind} '{node['type']}' at '{path}'", node,
+                 injected=getattr(target, "injected_args", ()))
+    for key, slot in slots_of(target).items():
+        value = node.get(key)
+        if value is None:
+            continue
+        if not slot.many:
+            _validate_typed(value, f"{path}.{key}", slot.registry)
+        elif isinstance(value, ListConfig):
+            for i, item in enumerate(value):
+                _validate_typed(item, f"{path}.{key}[{i}]", slot.registry)
+        elif isinstance(value, DictConfig):
+            for name, items in value.items():
+                if items is None:
+                    continue
+                if not isinstance(items, ListConfig):
+                    raise ConfigError(f"'{path}.{key}.{name}' must be a list of {slot.registry.kind} mappings"
+                                      f"{_origin(node, f'{key}.{name}')}")
+                for i, item in enumerate(items):
+                    _validate_typed(item, f"{path}.{key}.{name}[{i}]", slot.registry)
+        else:
+            raise ConfigError(f"'{path}.{key}' must be a list or a mapping of lists of {slot.registry.kind} "
+                              f"mappings{_origin(node, key)}")
 
 
-def _validate_typed(node: Any, path: str, registry: Optional[Registry]) -> None:
-    """Check every ``type:`` mapping under ``node`` against its registered signature."""
-    if isinstance(node, DictConfig):
-        if "type" in node:
-            reg = registry or _registry_for(node, path)
-            if reg is not None:
-                target = reg.get(node["type"])
-                kwargs = {k: v for k, v in node.items() if k != "type"}
-                check_kwargs(target, kwargs, f"{reg.kind} '{node['type']}' at '{path}'", node,
-                             injected=getattr(target, "injected_args", ()))
-        for key, value in node.items():
-            _validate_typed(value, f"{path}.{key}", None)
-    elif isinstance(node, ListConfig):
-        for i, value in enumerate(node):
-            _validate_typed(value, f"{path}[{i}]", None)
+def _target_at(cfg: DictConfig, path: str) -> Any:
+    """The registered class that builds the ``type:`` mapping at ``path`` (e.g. ``model.tuner``),
+    followed from its section through the slots of the classes above it; ``None`` where the path
+    is not such a mapping (validation reports what is wrong there)."""
+    section, *rest = path.split(".")
+    registry = SECTION_REGISTRY.get(section)
+    node = cfg.get(section) if registry is not None else None
+    while True:
+        if not isinstance(node, DictConfig) or node.get("type") not in registry:
+            return None
+        target = registry.get(node["type"])
+        if not rest:
+            break
+        part = rest.pop(0)
+        slot = slots_of(target).get(part)
+        if slot is None or slot.many or part not in node:
+            return None
+        registry, node = slot.registry, node[part]
+    return target
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` on unknown keys, wrong types or missing required sections."""
-    import any2point.datasets  # noqa: F401  (populate the registries)
-    import any2point.engine  # noqa: F401
-    import any2point.models  # noqa: F401
-
     allowed = {f.name for f in dataclasses.fields(SCHEMA)}
     for key in cfg:
         if key not in allowed:

@@ -1,6 +1,6 @@
 """Errors a user can cause, and how command-line tools report them.
 
-Every such error is a :class:`UserError` (or an operating-system error about a file: missing, not
+Every error class of the package is defined here. Every such error is a :class:`UserError` (or an operating-system error about a file: missing, not
 writable, disk full). :func:`run_cli` turns one into a single ``error: ...`` line on stderr and exit
 code 2; anything else is a bug and keeps its traceback. ``--debug`` or ``ANY2POINT_DEBUG=1`` keeps
 the traceback of user errors too. This module imports nothing heavy, so ``--help`` stays fast.
@@ -30,6 +30,30 @@ class CheckpointError(UserError):
 
 class ExperimentError(UserError):
     """The experiment folder is in use, holds another run, or cannot be written."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration is invalid: an unknown key, a wrong type, or a missing required value."""
+
+
+class FieldError(ConfigError):
+    """An impossible value of one field of a config section (the section adds its name and file)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key} {problem}")
+        self.key, self.problem = key, problem
+
+
+class DataError(UserError, ValueError):
+    """A dataset file is unreadable or holds invalid data; the message names the file."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder or file is missing; the message says where to get the dataset."""
+
+
+class SourceUnavailableError(FileNotFoundError):
+    """A source's pretrained weights are not on this machine, and nothing is downloaded at run time."""
 
 
 def describe_os_error(exc: OSError, path: object = None) -> str:

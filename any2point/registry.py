@@ -1,5 +1,11 @@
-"""Registries: every buildable piece (model, dataset, transform, optimizer, scheduler) is named by
-`type:` in a config and built by :func:`build_from_cfg`.
+"""Registries, one per kind of buildable piece: every piece is named by ``type:`` in a config and
+built by :func:`build_from_cfg` from the registry of its kind, so a config key's kind is always
+known (``model.tuner`` is a tuner) and an unknown name is an error listing that kind's names.
+
+The kinds: models (what ``model:`` builds: classifiers, segmenters, baselines), sources,
+tokenizers, projections, tuners, datasets, transforms, optimizers, schedulers and tasks. A class
+declares which of its arguments hold mappings of another kind in ``config_slots``
+(:class:`Slot`); the config loader follows them.
 
 A registered class's ``__init__`` signature is its config schema: keys that are not parameters are
 rejected, required parameters must be present, and annotated ``int``/``float``/``bool``/``str``
@@ -12,15 +18,13 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from any2point.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration is invalid: an unknown key, a wrong type, or a missing required value."""
+from any2point.errors import ConfigError
+from any2point.provenance import origin_of
 
 
 class Registry:
@@ -59,10 +63,36 @@ class Registry:
 
 
 MODELS = Registry("model")
+SOURCES = Registry("source")
+TOKENIZERS = Registry("tokenizer")
+PROJECTIONS = Registry("projection")
+TUNERS = Registry("tuner")
 DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform")
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
+TASKS = Registry("task")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An argument that holds ``type:`` mappings of ``registry``: one (or ``None``), or with
+    ``many`` a list of them or a mapping of such lists (e.g. a dataset's transforms per split)."""
+
+    registry: Registry
+    many: bool = False
+
+
+def slots_of(target: Any) -> Mapping[str, Slot]:
+    """The slots a registered class declares (``config_slots``; none by default)."""
+    return getattr(target, "config_slots", {})
+
+
+def constructor_keys(target: Callable[..., Any]) -> list[str]:
+    """The config keys ``target`` takes: its named parameters, less those its builder injects."""
+    injected = getattr(target, "injected_args", ())
+    return [name for name, p in inspect.signature(target).parameters.items()
+            if name != "self" and name not in injected and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _to_plain(value: Any) -> Any:
@@ -75,8 +105,6 @@ def _where(cfg: Any, key: str) -> str:
     """' (set in FILE)' for a key of a loaded config, where the loader recorded its file."""
     if not isinstance(cfg, DictConfig):
         return ""
-    from any2point.config import origin_of
-
     origin = origin_of(cfg, key)
     return f" (set in {origin})" if origin else ""
 

@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without pip install
 from any2point import build_model, load_config  # noqa: E402
 from any2point.engine.optim import build_optimizer  # noqa: E402
 from any2point.utils.device_waits import DeviceWaits  # noqa: E402
-from any2point.engine.trainer import autocast  # noqa: E402
+from any2point.engine.runtime import autocast  # noqa: E402
 from any2point.utils.cpu_memory import keep_freed_memory  # noqa: E402
 
 STAGES = ("tokenizer", "projection", "blocks", "adapters", "head", "other")

@@ -5,15 +5,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests import tiny
+
 #: The three paper sources at tiny sizes, as ``model.source`` mappings (random init).
-TINY_SOURCES = {
-    "clip_text": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
-    "dinov2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2,
-                   num_heads=4),
-    # a 3 x 5 grid on a 48 x 80 px plane: not square, so a transposed reading shows
-    "imagebind_audio": dict(type="ImageBindAudioSource", embed_dim=64, depth=2, num_heads=4,
-                            num_mel_bins=36, target_len=56),
-}
+TINY_SOURCES = {name: tiny.source(name) for name in tiny.PAPER_SOURCES}
 
 #: A tiny PointNet that learns SyntheticShapes' sphere / box / torus in a few seconds (100% test OA).
 TINY_RUN = {

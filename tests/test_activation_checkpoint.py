@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from any2point import build_model
 from any2point.engine.optim import build_optimizer
 from any2point.models.any2point.adapter import GroupedBatchNorm
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 from any2point.utils.activation_checkpoint import checkpoint, is_recomputing
 from tests.conftest import TINY_SOURCES
 

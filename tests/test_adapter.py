@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from any2point.models.any2point.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
 from any2point.models.any2point.tuner import GuidedAdapter, ensemble_views
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 
 
 def _batch_norm_like(norm: GroupedBatchNorm, group: int) -> nn.BatchNorm1d:

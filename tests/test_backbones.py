@@ -16,26 +16,21 @@ import torch.nn as nn
 from torch import Tensor
 
 from any2point.errors import CheckpointError
-from any2point.models import build_model
+from any2point.models import build_source
 from any2point.models.sources.base import AttentionWeight, SourceTransformer, single
+from tests import tiny
 from any2point.models.sources.clip_text import CLIPTextSource, SelfAttention
 from any2point.models.sources.imagebind_audio import BiasKVAttention, ImageBindAudioSource
 from any2point.models.tuners.lora import LoRA, LoRAWrapper
 
-TINY = {
-    "CLIPTextSource": dict(type="CLIPTextSource", width=64, depth=2, heads=4),
-    "DINOv2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=64, depth=2,
-                   num_heads=4),
-    # 36 mel x 56 frames, patch 16 stride 10 -> a 3 x 5 grid (not square: catches a transposed table).
-    "ImageBindAudioSource": dict(type="ImageBindAudioSource", embed_dim=64, depth=2, num_heads=4,
-                                 num_mel_bins=36, target_len=56),
-}
+TINY = {"CLIPTextSource": tiny.source("clip_text"), "DINOv2": tiny.source("dinov2"),
+        "ImageBindAudioSource": tiny.source("imagebind_audio")}
 TINY_TABLE = {"CLIPTextSource": (77, 64), "DINOv2": (4, 4, 64), "ImageBindAudioSource": (3, 5, 64)}
 
 
 def tiny(name: str, **kwargs: Any) -> SourceTransformer:
     torch.manual_seed(0)
-    return build_model({**TINY[name], **kwargs})
+    return build_source({**TINY[name], **kwargs})
 
 
 def randomize_(module: nn.Module) -> None:
@@ -409,7 +404,7 @@ def test_missing_weight_file_names_the_path_and_the_source(name: str, tmp_path: 
 ])
 def test_full_size_builds_offline_with_the_paper_tables(cfg: dict, shape: tuple, plane: Any, patch: Any) -> None:
     with torch.device("meta"):
-        source = build_model(cfg)
+        source = build_source(cfg)
     name = cfg["type"]
     assert (source.dim, source.depth, len(source.blocks)) == (768, 12, 12)
     assert tuple(table(source).shape) == shape

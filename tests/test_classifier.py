@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from any2point import build_model, load_config
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 from tools.count_params import count_params
 from tools.count_params import main as count_params_main
 from tests.conftest import TINY_SOURCES

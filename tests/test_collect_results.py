@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from any2point.engine.evaluate import results_record, write_results
+from any2point.engine.records import results_record, write_results
 from any2point.engine.metrics import Metrics
 from tools.collect_results import main as collect
 

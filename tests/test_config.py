@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from any2point.config import load_config, origin_of
-from any2point.registry import MODELS, ConfigError, Registry, build_from_cfg
+from any2point.config import load_config
+from any2point.provenance import origin_of
+from any2point.registry import MODELS, Registry, build_from_cfg
+from any2point.errors import ConfigError
 
 BASE = {
     "model": {"type": "PointNet", "num_classes": 4, "widths": [8, 16]},

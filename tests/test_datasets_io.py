@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from any2point.datasets import build_dataset
-from any2point.datasets.io import DataError, cached_array, check_labels, load_pickle
+from any2point.datasets.io import cached_array, check_labels, load_pickle
+from any2point.errors import DataError
 
 TRANSFORMS = {"train": [{"type": "FPSResample", "num_fps": 16, "num_keep": 8}],
               "test": [{"type": "FPSResample", "num_fps": 16}]}

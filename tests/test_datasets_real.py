@@ -15,7 +15,7 @@ import yaml
 
 from any2point.config import load_config
 from any2point.datasets import build_dataset
-from any2point.datasets.io import DataError, DatasetNotFoundError
+from any2point.errors import DataError, DatasetNotFoundError
 from any2point.datasets.modelnet40 import MODELNET10_CLASSES, MODELNET40_CLASSES
 from any2point.datasets.scanobjectnn import CLASSES as SCANOBJECTNN_CLASSES
 from any2point.extensions import furthest_point_sample

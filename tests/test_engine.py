@@ -24,8 +24,7 @@ from any2point.engine.evaluate import evaluate_checkpoint
 from any2point.engine import trainer as trainer_module
 from any2point.engine.trainer import BEST, LAST, Trainer
 from any2point.utils.device_waits import DeviceWaits
-from any2point.registry import ConfigError
-from any2point.errors import CheckpointError, ExperimentError
+from any2point.errors import CheckpointError, ConfigError, ExperimentError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +66,7 @@ def test_resume_equals_straight_run(tmp_path: Path) -> None:
     a = checkpoint.load(tmp_path / "exp/straight" / LAST)
     b = checkpoint.load(tmp_path / "exp/resumed" / LAST)
     assert states_equal(a["model"], b["model"])
-    assert (a["best_epoch"], a["best_oa"]) == (b["best_epoch"], b["best_oa"])
+    assert (a["best_epoch"], a["best_score"]) == (b["best_epoch"], b["best_score"])
     assert m_straight.oa == m_resumed.oa and m_straight.per_class == m_resumed.per_class
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)

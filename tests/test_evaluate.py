@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from any2point import build_dataset, build_model
-from any2point.engine.evaluate import (VotingDataset, eval_loader, evaluate, results_record, vote_epoch,
-                                       voting_dataset, write_results)
+from any2point.engine.evaluate import VotingDataset, eval_loader, evaluate, vote_epoch, voting_dataset
+from any2point.engine.records import results_record, write_results
 from any2point.engine.tasks import build_task
 
 MODEL = {"type": "PointNet", "num_classes": 4, "widths": [16, 32], "head_width": 16, "dropout": 0.0, "norm": "none"}

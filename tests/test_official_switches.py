@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from any2point import build_model
+from any2point.models import build_source
 from any2point.models.any2point.adapter import GroupedBatchNorm
 from any2point.models.sources.clip_text import CLIPTextSource
 from any2point.models.sources.imagebind_audio import BiasKVAttention, ImageBindAudioSource
@@ -23,6 +24,7 @@ from any2point.models.any2point.projection import (VirtualProjection, official_g
                                          pointclip_view_rotations, sample_table_1d_official, sample_table_2d,
                                          scramble_2d)
 from any2point.models.any2point.tokenizer import PointPNStage, PointPNTokenizer
+from any2point.models.sources.base import Embedded
 from tests.conftest import TINY_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +122,7 @@ def test_official_1d_lookup_rescales_by_the_batch_and_zeroes_integers():
 
 def test_projection_line_index_official_is_the_official_lookup():
     torch.manual_seed(0)
-    source = build_model(TINY_SOURCES["clip_text"])
+    source = build_source(TINY_SOURCES["clip_text"])
     projection = VirtualProjection(source, lines="pointclip_views", line_direction=[1.0, -1.0, 0.0],
                                    line_index="official")
     centres = torch.randn(3, 10, 3)
@@ -209,7 +211,7 @@ def test_scramble_2d_is_the_reshape_without_transpose():
 
 def test_projection_official_2d_on_a_non_square_plane():
     torch.manual_seed(0)
-    source = build_model(TINY_SOURCES["imagebind_audio"])
+    source = build_source(TINY_SOURCES["imagebind_audio"])
     assert source.plane_size == (48, 80) and source.pos_embed_2d.shape[:2] == (3, 5)
     projection = VirtualProjection(source, frame="data", trans=-1.4, plane_index="official",
                                    official_grid_view=True, pe_2d_scramble=True)
@@ -240,7 +242,7 @@ def test_frame_data_voxelises_the_centres_as_given():
     centres = torch.randn(2, 8, 3) * 5
     out = model.projection(centres, model.source.pos_embed_2d)
     assert torch.equal(out.xyz, centres)
-    context = model.tuner.prepare(out, model.projection)
+    context = model.tuner.prepare(Embedded(centres, centres, None, model.source, out, model.projection))
     from any2point.extensions import voxel_ids
     ids = voxel_ids(centres, 0.5)
     for b in range(2):  # the same tokens share a voxel as in a per-sample voxel grid of the raw centres
@@ -318,9 +320,11 @@ def test_dense_cell_norm_counts_every_cell_of_the_batch():
     torch.manual_seed(1)
     centres, _ = model.tokenizer(torch.randn(3, 256, 3))
     out = model.projection(centres, model.source.pos_embed_1d)
-    assert model.tuner.prepare(out, model.projection).cells_per_view == 3 * 39
+    assert model.tuner.prepare(Embedded(centres, centres, None, model.source, out, model.projection)
+                               ).cells_per_view == 3 * 39
     default = tiny_model("clip_text")
-    assert default.tuner.prepare(out, default.projection).cells_per_view is None
+    assert default.tuner.prepare(Embedded(centres, centres, None, default.source, out, default.projection)
+                                 ).cells_per_view is None
 
 
 def test_head_without_hidden_biases_has_the_official_count():
@@ -364,7 +368,7 @@ def test_imagebind_plain_qkv_is_attention_without_the_bias_tokens():
     with torch.no_grad():
         torch.testing.assert_close(attn(x, plain_qkv=True), expected)
         assert not torch.allclose(attn(x), expected, atol=1e-4)
-    source = build_model({**TINY_SOURCES["imagebind_audio"], "official_plain_qkv": True})
+    source = build_source({**TINY_SOURCES["imagebind_audio"], "official_plain_qkv": True})
     assert all(block.plain_qkv for block in source.blocks)
 
 

@@ -13,12 +13,11 @@ import torch
 import yaml
 
 from any2point import build_dataset, build_model, load_config
-from any2point.datasets.io import DataError, DatasetNotFoundError
+from any2point.errors import ConfigError, DataError, DatasetNotFoundError
 from any2point.datasets import shapenetpart
 from any2point.datasets.shapenetpart import PARTS
 from any2point.engine.evaluate import eval_loader, evaluate, evaluate_checkpoint, voting_dataset
 from any2point.engine.tasks import SegmentationTask, build_task
-from any2point.registry import ConfigError
 from tests.conftest import TINY_SOURCES, train_once
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -346,7 +345,7 @@ def test_predict_labels_the_points_of_a_file_with_the_category_parts(seg_run: tu
     """tools/predict.py on a segmentation checkpoint: the category is required and checked; each
     point of the prepared cloud gets one of that category's parts, the same as the model's own
     restricted prediction; the file lists the points with their parts."""
-    from any2point.engine.evaluate import load_model
+    from any2point.engine.loading import load_model
     from tools.predict import Preparer, main
 
     ckpt = str(seg_run[0].parent / "seg" / "ckpt-best.pth")

@@ -12,20 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
+from tests import tiny
 from omegaconf import OmegaConf
 
 from any2point import build_model
-from any2point.errors import CheckpointError
+from any2point.errors import CheckpointError, ConfigError
 from any2point.models.point_peft.memory_bank import read_memory_bank, save_memory_bank
 from any2point.models.sources.point_transformer import PointBERTSource, PointMAESource, group_points
 from any2point.models.point_peft.tuner import geometry_neighbourhoods, point_prior_attention
-from any2point.registry import ConfigError
 from tools.build_memory_bank import build_bank
 from tools.build_memory_bank import main as bank_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(dim=32, depth=3, heads=2, num_groups=16, group_size=8)
+TINY = {k: v for k, v in tiny.source("point_mae", width=32).items() if k != "type"}
 
 
 def tiny_model(source: str = "PointMAESource", bank: str | None = None, **tuner: object) -> torch.nn.Module:
@@ -255,10 +256,9 @@ def test_memory_bank_tool_on_the_synthetic_shapes(tmp_path: Path) -> None:
     model = build_model(cfg["model"]).eval()
     assert torch.equal(model.tuner.bank, bank)
     x = clouds()
-    centres, tokens = model.source.tokenize(x)
-    pe = model.source.embed_positions(centres)
-    context = model.tuner.prepare_points(centres, tokens, pe, model.source)
-    torch.testing.assert_close(context.cache, point_prior_attention(model.source(tokens, pe), bank, 2))
+    embedded = model.source.embed_points(x)
+    context = model.tuner.prepare(embedded)
+    torch.testing.assert_close(context.cache, point_prior_attention(model.source(embedded.tokens, embedded.pe), bank, 2))
 
 
 def write_tiny_pretrained(folder: Path) -> Path:
@@ -322,14 +322,13 @@ def test_steps_change_exactly_the_declared_tensors(source: str, tmp_path: Path) 
 def test_the_global_feature_uses_the_pretrained_biases() -> None:
     model = tiny_model().eval()
     x = clouds()
-    centres, tokens = model.source.tokenize(x)
-    pe = model.source.embed_positions(centres)
-    before = model.tuner.prepare_points(centres, tokens, pe, model.source).cache
+    embedded = model.source.embed_points(x)
+    before = model.tuner.prepare(embedded).cache
     with torch.no_grad():
         for _, p in model.source.blocks.named_parameters():
             if p.requires_grad:
                 p.add_(1.0)
-    after = model.tuner.prepare_points(centres, tokens, pe, model.source).cache
+    after = model.tuner.prepare(embedded).cache
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 

@@ -24,7 +24,7 @@ from any2point.models.any2point.projection import (
     sample_table_2d,
 )
 from any2point.models.any2point.tokenizer import sincos_embedding
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 
 PHI = (1 + math.sqrt(5)) / 2
 NORM = math.sqrt(1 + PHI ** 2)

@@ -20,10 +20,10 @@ import yaml
 import main as entry
 from any2point.config import load_config
 from any2point.engine import checkpoint
-from any2point.engine.evaluate import check_source, evaluate_checkpoint
+from any2point.engine.evaluate import evaluate_checkpoint
+from any2point.engine.loading import check_source
 from any2point.engine.trainer import BEST, LAST, Trainer
-from any2point.errors import CheckpointError, ExperimentError
-from any2point.registry import ConfigError
+from any2point.errors import CheckpointError, ConfigError, ExperimentError
 from tests.test_engine import ROOT, tiny_config
 
 MARKER_ENV = "ANY2POINT_TEST_MARKER"
@@ -302,7 +302,7 @@ def test_user_errors_are_one_line_with_exit_code_2(case: str, tmp_path: Path, mo
         data = yaml.safe_load(cfg_path.read_text())
         data["dataset"]["transforms"]["train"].append({"type": "RandomWarp"})
         cfg_path.write_text(yaml.safe_dump(data))
-        needles = ["unknown type 'RandomWarp'", "dataset.transforms.train[2]", str(cfg_path), "RandomScale"]
+        needles = ["unknown transform type 'RandomWarp'", "dataset.transforms.train[2]", str(cfg_path), "RandomScale"]
     elif case == "read_only":
         def read_only(self, *args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system", str(self))

@@ -20,11 +20,10 @@ from transformers import (ASTConfig, ASTModel, BertConfig, BertForMaskedLM, CLIP
                           RobertaConfig, RobertaForMaskedLM)
 
 import main as entry
-from any2point.errors import CheckpointError
+from any2point.errors import CheckpointError, ConfigError, SourceUnavailableError
 from any2point.models.sources.ast_audio import ASTSource
-from any2point.models.sources.hf_encoder import HFEncoderSource, SourceUnavailableError
+from any2point.models.sources.hf_encoder import HFEncoderSource
 from any2point.models.sources.timm_vit import TimmViTSource
-from any2point.registry import ConfigError
 from tools.count_params import count_params
 
 ROOT = Path(__file__).resolve().parents[1]

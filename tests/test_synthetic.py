@@ -8,7 +8,7 @@ import torch
 from any2point.datasets import build_dataset
 from any2point.datasets.synthetic import (SHAPES, SyntheticShapes, sample_mesh_surface,
                                           sample_torus_surface, sample_tube_surface)
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 
 C = len(SHAPES)
 SMALL = dict(num_points=256, train_size=2 * C, val_size=C, test_size=C)

@@ -9,7 +9,7 @@ import torch
 
 from any2point.extensions import furthest_point_sample, gather, group, knn
 from any2point.models.any2point.tokenizer import PointPNStage, PointPNTokenizer, _pack_bits, _unpack_bits, sincos_embedding
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 
 
 def test_paper_configuration_has_276672_parameters():

@@ -13,7 +13,8 @@ from any2point.datasets.base import build_transforms
 from any2point.datasets.transforms import (Center, FPSResample, Jitter, NormalizeUnitSphere,
                                            RandomRotate, RandomScale, RandomSubset, RandomTranslate,
                                            ShufflePoints, random_rotation_matrix)
-from any2point.registry import TRANSFORMS, ConfigError, build_from_cfg
+from any2point.registry import TRANSFORMS, build_from_cfg
+from any2point.errors import ConfigError
 
 
 def rng(seed: int = 0) -> np.random.Generator:

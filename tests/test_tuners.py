@@ -17,40 +17,16 @@ from omegaconf import OmegaConf
 
 import main as entry
 from any2point import build_model, load_config
-from any2point.errors import CheckpointError
+from any2point.errors import CheckpointError, ConfigError
 from any2point.engine.checkpoint import load_trainable_state_dict, save_atomic, trainable_state_dict
 from any2point.models.sources.base import AttentionWeight
-from any2point.models.tuners.base import Tuner
 from any2point.models.tuners.lora import LoRAWrapper
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import TUNERS as TUNER_REGISTRY
+from any2point.registry import build_from_cfg
+from tests import tiny
 
-SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-SOURCES = {
-    "clip_text": dict(type="CLIPTextSource", width=32, depth=2, heads=4),
-    "dinov2": dict(type="TimmViTSource", model_name="vit_base_patch14_dinov2", img_size=56, embed_dim=32, depth=2,
-                   num_heads=4),
-    "imagebind_audio": dict(type="ImageBindAudioSource", embed_dim=32, depth=2, num_heads=4, num_mel_bins=36,
-                            target_len=56),
-    "hf_bert": dict(type="HFEncoderSource", cls_token_id=2,
-                    architecture=dict(model_type="bert", vocab_size=99, max_position_embeddings=40, **SIZES)),
-    "hf_clip_text": dict(type="HFEncoderSource",
-                         architecture=dict(model_type="clip_text_model", vocab_size=99, max_position_embeddings=20,
-                                           bos_token_id=0, eos_token_id=2, pad_token_id=1, **SIZES)),
-    "timm_deit3": dict(type="TimmViTSource", model_name="deit3_small_patch16_224", img_size=48, embed_dim=32,
-                       depth=2, num_heads=4),
-    "ast": dict(type="ASTSource", architecture=dict(model_type="audio-spectrogram-transformer", num_mel_bins=36,
-                                                    max_length=56, **SIZES)),
-}
-TUNERS = {
-    "any2point": dict(type="GuidedAdapter", bottleneck=4, voxel_size=0.5),
-    "full_finetune": dict(type="FullFinetune"),
-    "frozen_source": dict(type="FrozenSource"),
-    "prompt_tuning": dict(type="PromptTuning", num_prompts=3),
-    "adapter_tuning": dict(type="AdapterTuning", bottleneck=4),
-    "lora": dict(type="LoRA", rank=2, targets=["q", "k", "v", "o"]),
-    # Point-PEFT's geometry-aware adapter alone (its prompt needs a 3D-pretrained source): bias tuning.
-    "point_peft": dict(type="PointPEFT", prompt=False, group_size=4),
-}
+SOURCES = {name: tiny.source(name, width=32) for name in tiny.SOURCE_NAMES if not name.startswith("point_")}
+TUNERS = tiny.TUNERS
 # Every tuner on the three paper sources; the guided adapter and LoRA (which reaches into the
 # source's own attention layout) on every source family.
 CASES = ([(s, t) for s in ("clip_text", "dinov2", "imagebind_audio") for t in TUNERS]
@@ -140,8 +116,7 @@ def test_checkpoint_holds_the_trainable_state_and_round_trips(source: str, tuner
 
 
 def test_every_registered_tuner_is_in_the_contract_table() -> None:
-    registered = {name for name in MODELS.names()
-                  if isinstance(MODELS.get(name), type) and issubclass(MODELS.get(name), Tuner)}
+    registered = set(TUNER_REGISTRY.names())
     assert registered == {cfg["type"] for cfg in TUNERS.values()}
 
 
@@ -206,7 +181,7 @@ def test_lora_wraps_the_open_clip_attention_and_counts() -> None:
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert lora == 2 * 4 * (2 * 32 * 2)  # 2 blocks x 4 targets x (A: 2 x 32, B: 32 x 2)
     with pytest.raises(ConfigError, match="targets"):
-        build_model(dict(type="LoRA", targets=["x"]))
+        build_from_cfg(dict(type="LoRA", targets=["x"]), TUNER_REGISTRY)
 
 
 # ------------------------------------------------------------------------- prompts and adapters

@@ -27,7 +27,8 @@ def build_bank(config: str, overrides: Sequence[str] = (), out: Optional[str] = 
 
     from any2point import build_dataset, load_config
     from any2point.models.point_peft.memory_bank import extract_features, save_memory_bank
-    from any2point.registry import MODELS, ConfigError, build_from_cfg
+    from any2point.registry import SOURCES, build_from_cfg
+    from any2point.errors import ConfigError
 
     cfg = load_config(config, overrides)
     out = out or OmegaConf.select(cfg, "model.tuner.memory_bank")
@@ -37,7 +38,7 @@ def build_bank(config: str, overrides: Sequence[str] = (), out: Optional[str] = 
     transforms = dataset_cfg.get("transforms") or {}
     dataset_cfg["transforms"] = {**transforms, "train": transforms.get("test", [])}
     dataset = build_dataset(dataset_cfg, split=split)
-    source = build_from_cfg(cfg.model.source, MODELS)
+    source = build_from_cfg(cfg.model.source, SOURCES)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     features = extract_features(source, (batch["points"] for batch in loader))
     save_memory_bank(features, source.identity(), out)

@@ -54,7 +54,7 @@ def check(args: argparse.Namespace) -> int:
 
     from any2point.config import load_config
     from any2point.datasets import SPLITS, build_dataset
-    from any2point.datasets.io import DataError
+    from any2point.errors import DataError
 
     cfg = load_config(args.config, args.overrides)
     dataset_cfg = OmegaConf.to_container(cfg.dataset)

@@ -47,7 +47,7 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
     from any2point.engine.checkpoint import save_atomic
     from any2point.convert.official import (POINT_PEFT_RUNS, RUNS, compare_frozen, convert_state, model_keys,
                                     point_peft_mapper, read_released)
-    from any2point.registry import MODELS, build_from_cfg
+    from any2point.registry import SOURCES, build_from_cfg
 
     point_peft = run_name in POINT_PEFT_RUNS
     run = POINT_PEFT_RUNS[run_name] if point_peft else RUNS[run_name]
@@ -70,7 +70,7 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
     identity = None
     if source_file is not None and Path(source_file).exists():
         source_cfg.pretrained = str(source_file)
-        source = build_from_cfg(OmegaConf.to_container(source_cfg, resolve=True), MODELS)
+        source = build_from_cfg(OmegaConf.to_container(source_cfg, resolve=True), SOURCES)
         differ = compare_frozen(conversion.frozen, source.state_dict())
         identity = {**source.identity(), "name": model.source.name}
         frozen_note = (f"equal to {source_file}" if not differ else

@@ -29,10 +29,10 @@ import torch
 from omegaconf import DictConfig
 
 from any2point.datasets import build_dataset, build_transforms
-from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES, DataError, normalize_unit_sphere, read_shape_file
+from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES, normalize_unit_sphere, read_shape_file
+from any2point.errors import DataError, UserError, run_cli
 from any2point.datasets.transforms import FPSResample
-from any2point.engine.evaluate import load_model
-from any2point.errors import UserError, run_cli
+from any2point.engine.loading import load_model
 
 SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 DEFAULT_POINTS = 2048

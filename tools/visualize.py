@@ -294,18 +294,19 @@ def read_curves(exp_dir: Path) -> dict[str, list[tuple[int, float]]]:
     if not log.is_file():
         raise FileNotFoundError(f"{exp_dir}: no TensorBoard logs (tb/) and no log.txt to read curves from")
     curves: dict[str, list[tuple[int, float]]] = {}
-    epoch = re.compile(r"epoch (\d+)/\d+\s+loss ([\d.]+)\s+acc ([\d.]+)\s+lr ([\d.e+-]+)"
+    # the train score is named by the task (OA, instance_mIoU; "acc" in logs of older runs)
+    epoch = re.compile(r"epoch (\d+)/\d+\s+loss ([\d.]+)\s+(\w+) ([\d.]+)\s+lr ([\d.e+-]+)"
                        r"(?:.*?\|\s+(\w+) OA ([\d.]+) mAcc ([\d.]+))?")
     for line in log.read_text().splitlines():
         m = epoch.search(line)
         if not m:
             continue
         step = int(m[1])
-        for tag, value in (("train/loss", m[2]), ("train/acc", m[3]), ("train/lr", m[4])):
+        for tag, value in (("train/loss", m[2]), (f"train/{m[3]}", m[4]), ("train/lr", m[5])):
             curves.setdefault(tag, []).append((step, float(value)))
-        if m[5]:
-            curves.setdefault(f"{m[5]}/OA", []).append((step, float(m[6])))
-            curves.setdefault(f"{m[5]}/mAcc", []).append((step, float(m[7])))
+        if m[6]:
+            curves.setdefault(f"{m[6]}/OA", []).append((step, float(m[7])))
+            curves.setdefault(f"{m[6]}/mAcc", []).append((step, float(m[8])))
     if not curves:
         raise UserError(f"{log}: holds no epoch lines to draw curves from")
     return curves
@@ -374,7 +375,8 @@ def _test_results(ckpt: Path, results: Optional[Path]) -> dict[str, Any]:
     if results is not None:
         raise FileNotFoundError(f"results file not found: {results}")
     from any2point.datasets import build_dataset
-    from any2point.engine.evaluate import eval_loader, evaluate, load_model
+    from any2point.engine.evaluate import eval_loader, evaluate
+    from any2point.engine.loading import load_model
     from any2point.engine.tasks import build_task
 
     model, cfg, _ = load_model(ckpt)
@@ -416,7 +418,7 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
     if "curves" in figures:
         written.append(plot_curves(read_curves(exp or ckpt.parent), out / "curves.png"))
     if any(f in figures for f in MODEL_FIGURES):
-        from any2point.engine.evaluate import load_model
+        from any2point.engine.loading import load_model
 
         model, cfg, _ = load_model(ckpt, device=torch.device("cpu"))
         if not all(hasattr(model, name) for name in ("source", "projection", "encode")):
@@ -445,7 +447,7 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
 def draw_parts(ckpt: Path, sample: int, path: Path) -> Path:
     """The ``parts`` figure of test item ``sample`` of a part-segmentation checkpoint."""
     from any2point.datasets import PartDataset, build_dataset
-    from any2point.engine.evaluate import load_model
+    from any2point.engine.loading import load_model
     from any2point.engine.metrics import category_part_mask, restricted_prediction
 
     model, cfg, _ = load_model(ckpt, device=torch.device("cpu"))

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from any2point.registry import TRANSFORMS, ConfigError, build_from_cfg
+from any2point.registry import TRANSFORMS, Slot, build_from_cfg
+from any2point.errors import ConfigError
 
 SPLITS = ("train", "val", "trainval", "test")
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -65,6 +66,9 @@ class PointDataset(Dataset):
     """
 
     class_names: list[str] = []
+    #: The task the dataset's items are labelled for (a name in the task registry).
+    task: str = "classification"
+    config_slots = {"transforms": Slot(TRANSFORMS, many=True)}
 
     def __init__(self, split: str, transforms: Optional[dict] = None, seed: int = 0) -> None:
         transforms = transforms or {}
@@ -120,6 +124,7 @@ class PartDataset(PointDataset):
     together); the item's ``points`` are its first three columns.
     """
 
+    task = "part_segmentation"
     category_parts: list[list[int]] = []
     part_names: list[str] = []
 

@@ -24,21 +24,13 @@ from tqdm import tqdm
 
 from any2point.datasets.base import PointDataset, holdout_indices
 from any2point.datasets.transforms import FPSResample, RandomSubset
-from any2point.errors import UserError
+from any2point.errors import DataError, DatasetNotFoundError
 
 Clouds = Union[np.ndarray, list]
 """The clouds of a split: one (S, N, 3) array, or a list of (N_i, 3) arrays of varying N_i."""
 
 POINT_SUFFIXES = (".npy", ".npz", ".txt", ".xyz", ".pts")
 MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
-
-
-class DataError(UserError, ValueError):
-    """A dataset file is unreadable or holds invalid data; the message names the file."""
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset folder or file is missing; the message says where to get the dataset."""
 
 
 def require_path(path: Path, hint: str, folder: bool = False) -> Path:

@@ -21,11 +21,9 @@ from typing import Any, Literal, Optional
 import numpy as np
 from tqdm import tqdm
 
-from any2point.datasets.io import (DataError, DatasetNotFoundError, InMemoryDataset, cached_array,
-                                   check_cloud, check_clouds, check_labels, file_signature, furthest_point_indices,
-                                   load_pickle, normalize_unit_sphere, read_h5, read_lines, read_point_file,
-                                   require_path, stack_clouds, take_points)
-from any2point.registry import DATASETS, ConfigError
+from any2point.datasets.io import (InMemoryDataset, cached_array, check_cloud, check_clouds, check_labels, file_signature, furthest_point_indices, load_pickle, normalize_unit_sphere, read_h5, read_lines, read_point_file, require_path, stack_clouds, take_points)
+from any2point.errors import ConfigError, DataError, DatasetNotFoundError
+from any2point.registry import DATASETS
 
 MODELNET40_CLASSES = (
     "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone", "cup",

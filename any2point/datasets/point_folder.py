@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from any2point.datasets.base import holdout_indices
-from any2point.datasets.io import (MESH_SUFFIXES, POINT_SUFFIXES, DataError, InMemoryDataset, file_signature,
-                                   read_shape_file, require_path)
-from any2point.registry import DATASETS, ConfigError
+from any2point.datasets.io import (MESH_SUFFIXES, POINT_SUFFIXES, InMemoryDataset, file_signature, read_shape_file, require_path)
+from any2point.errors import ConfigError, DataError
+from any2point.registry import DATASETS
 
 HINT = "Set dataset.root=PATH to a folder with one sub-folder of shape files per class (see PointFolder)."
 

@@ -12,7 +12,8 @@ from typing import Literal, Optional
 
 from any2point.datasets.io import (InMemoryDataset, check_clouds, check_labels, file_signature, read_h5,
                                    require_path)
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS
+from any2point.errors import ConfigError
 
 CLASSES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table", "bed", "pillow",
            "sink", "sofa", "toilet")

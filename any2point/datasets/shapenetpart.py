@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from any2point.datasets.base import PartDataset, split_kind
-from any2point.datasets.io import (DataError, cached_arrays, file_signature, normalize_unit_sphere, read_lines,
-                                  require_path)
-from any2point.registry import DATASETS, ConfigError
+from any2point.datasets.io import cached_arrays, file_signature, normalize_unit_sphere, read_lines, require_path
+from any2point.errors import ConfigError, DataError
+from any2point.registry import DATASETS
 
 PARTS: dict[str, int] = {
     "Airplane": 4, "Bag": 2, "Cap": 2, "Car": 4, "Chair": 4, "Earphone": 3, "Guitar": 3, "Knife": 2, "Lamp": 4,

@@ -25,7 +25,8 @@ import numpy as np
 
 from any2point.datasets.base import PointDataset
 from any2point.datasets.transforms import axis_rotation_matrix, random_rotation_matrix
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS
+from any2point.errors import ConfigError
 
 Sampler = Callable[[np.random.Generator, int], np.ndarray]
 Curve = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]

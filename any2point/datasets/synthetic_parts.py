@@ -24,7 +24,8 @@ from any2point.datasets.base import PartDataset
 from any2point.datasets.synthetic import (_SPLIT_CODES, _Z_TO_Y, _disc, _normalize, _pick, check_generator_settings,
                                           sample_torus_surface)
 from any2point.datasets.transforms import axis_rotation_matrix, random_rotation_matrix
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS
+from any2point.errors import ConfigError
 
 Sampler = Callable[[np.random.Generator, int], np.ndarray]
 Piece = tuple[int, float, Sampler]

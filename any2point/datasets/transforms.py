@@ -17,7 +17,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from any2point.registry import TRANSFORMS, ConfigError
+from any2point.registry import TRANSFORMS
+from any2point.errors import ConfigError
 
 AXES = {"x": 0, "y": 1, "z": 2}
 

@@ -8,7 +8,7 @@ dataset's stream of epoch :func:`vote_epoch` ``(s, v)``, so a voted number is re
 seed, whatever the number of loader workers or processes. Voting is for reporting a test number
 only; model selection never votes.
 
-Each test writes a JSON record (:func:`results_record`) with the task's metrics (classification:
+Each test writes a JSON record (:func:`any2point.engine.records.results_record`) with the task's metrics (classification:
 OA, mAcc, per-class accuracy and the confusion matrix; part segmentation: instance and class mIoU,
 point accuracy, per-category mIoU and shape counts), protocol, voting, seed, config hash, source
 identity, time and git commit, so a number in a table can be traced to the run that produced it.
@@ -16,14 +16,9 @@ identity, time and git commit, so a number in a table can be traced to the run t
 from __future__ import annotations
 
 import copy
-import datetime
-import hashlib
-import json
 import logging
-import subprocess
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,52 +26,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from any2point.config import validate
 from any2point.datasets import PointDataset, build_dataset
-from any2point.engine import checkpoint, distributed
+from any2point.engine import distributed
+from any2point.engine.loading import load_model
 from any2point.engine.log import setup_logging
-from any2point.engine.metrics import Metrics, SegmentationMetrics, json_number
+from any2point.engine.records import RESULTS, results_record, write_results
+from any2point.engine.runtime import autocast, pick_device
+from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.tasks import Task, build_task
-from any2point.errors import CheckpointError
-from any2point.models import build_model
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 
 logger = logging.getLogger("any2point")
 
 #: Voting draws from epochs far beyond any training run's, so its augmentations never repeat one.
 VOTE_EPOCH_BASE = 1 << 40
 MAX_VOTES = 1024
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RESULTS = "results.json"
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU; a device this machine
-    does not have is a :class:`ConfigError`."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device='{name}' is not a device name (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name} but CUDA is not available on this machine; "
-                              f"use train.device=cpu or train.device=auto")
-        if device.index is None:
-            device = torch.device("cuda", distributed.local_rank())
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ConfigError(f"train.device={name}: only auto, cpu and cuda devices are supported")
-    return device
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; full precision on CPU (no fast bf16 there)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def vote_epoch(seed: int, vote_pass: int) -> int:
@@ -152,108 +116,6 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.dev
     metrics = voted.compute()
     metrics.pass_scores = [task.score(m.compute()) for m in single]
     return metrics
-
-
-# ------------------------------------------------------------------------------------------- results
-def config_hash(config: Any, drop_experiment: bool = False) -> str:
-    """sha256 (16 hex digits) of a resolved config's canonical JSON; ``drop_experiment`` leaves out
-    the ``experiment`` section (name, folder, seed), so runs that differ only in seed share it."""
-    tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else copy.deepcopy(config)
-    if drop_experiment:
-        tree.pop("experiment", None)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """The code's git commit and whether its work tree had changes (``None`` outside a git checkout)."""
-    def git(*args: str) -> Optional[str]:
-        try:
-            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
-
-
-def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_names: list[str], *, split: str,
-                   protocol: Optional[str], voting: dict[str, Any], checkpoint: Optional[str] = None, epoch: Optional[int] = None,
-                   source: Optional[dict[str, Any]] = None, task: str = "classification") -> dict[str, Any]:
-    """The JSON record of one test: metrics, where they came from and how they were measured."""
-    tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
-    return {
-        "experiment": tree.get("experiment", {}).get("name"),
-        "task": task,
-        "split": split,
-        **metrics.record(class_names),
-        "class_names": list(class_names),
-        "voting": {**voting, f"pass_{metrics.score_name}": [json_number(x) for x in metrics.pass_scores]},
-        "protocol": protocol,
-        "seed": tree.get("experiment", {}).get("seed"),
-        "config_hash": config_hash(tree),
-        "group_hash": config_hash(tree, drop_experiment=True),
-        "source": source,
-        "checkpoint": checkpoint,
-        "epoch": epoch,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_commit(),
-        "config": tree,
-    }
-
-
-def write_results(record: dict[str, Any], path: str | Path) -> Path:
-    """Write a results record as JSON (rank 0 only); returns the path."""
-    path = Path(path)
-    if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None, device: Optional[torch.device] = None,
-               ignore_source_mismatch: bool = False) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
-    """The model of a checkpoint, in eval mode: built from ``cfg`` (default: the checkpoint's own
-    config), its source checked against the saved identity, its trainable state loaded strictly."""
-    ckpt = checkpoint.load(ckpt_path)
-    if cfg is None:
-        cfg = OmegaConf.create(ckpt["config"])
-        validate(cfg)
-    device = device or pick_device(cfg.train.device)
-    model = build_model(cfg.model).to(device)
-    check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
-    checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))
-    return model.eval(), cfg, ckpt
-
-
-def _describe_source(identity: dict[str, Any]) -> str:
-    if not identity.get("sha256"):
-        return f"{identity.get('name')} at random init (no weight file)"
-    return f"{identity.get('name')} from {identity.get('weights')} (sha256 {identity['sha256']})"
-
-
-def check_source(saved: Optional[dict[str, Any]], model: nn.Module, ckpt_path: str | Path,
-                 ignore: bool = False) -> None:
-    """Refuse a checkpoint whose source (name and weight-file sha256) differs from the model's, both
-    ways: real weights vs random init, or another file. ``ignore`` turns the error into a warning."""
-    identity = getattr(model, "source_identity", None)
-    if saved is None or identity is None:
-        return  # a model without a pretrained source (e.g. PointNet)
-    now = identity()
-    if (saved.get("name"), saved.get("sha256")) == (now.get("name"), now.get("sha256")):
-        return
-    message = (f"checkpoint {ckpt_path} was trained with source {_describe_source(saved)}, but the config builds "
-               f"{_describe_source(now)}")
-    if ignore:
-        logger.warning("%s; continuing anyway (--ignore-source-mismatch)", message)
-        return
-    hint = (f"set model.source.pretrained to {saved.get('weights')}" if saved.get("sha256")
-            else "set model.source.pretrained=null")
-    raise CheckpointError(f"{message}; {hint}, or pass --ignore-source-mismatch")
 
 
 def log_test(m: Metrics | SegmentationMetrics, class_names: list[str], votes: int, where: str) -> None:

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from any2point.registry import OPTIMIZERS, SCHEDULERS, ConfigError, build_from_cfg
+from any2point.registry import OPTIMIZERS, SCHEDULERS, build_from_cfg
+from any2point.errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

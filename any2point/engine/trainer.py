@@ -31,16 +31,17 @@ from tqdm import tqdm
 from any2point.config import config_changes, read_history, save_config
 from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
-from any2point.engine.evaluate import (RESULTS, autocast, check_source, eval_loader, evaluate, log_test,
-                                       pick_device, results_record, write_results)
+from any2point.engine.evaluate import eval_loader, evaluate, log_test
+from any2point.engine.loading import check_source
+from any2point.engine.records import RESULTS, results_record, write_results
+from any2point.engine.runtime import autocast, pick_device
 from any2point.engine.experiment import claim
 from any2point.engine.log import ScalarWriter, setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
 from any2point.engine.tasks import build_task
-from any2point.errors import CheckpointError, ExperimentError
+from any2point.errors import CheckpointError, ConfigError, ExperimentError
 from any2point.models import build_model
-from any2point.registry import ConfigError
 from any2point.utils.cpu_memory import keep_freed_memory, release_freed_memory
 
 logger = logging.getLogger("any2point")
@@ -174,7 +175,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, t.epochs, len(self.train_loader))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.start_epoch, self.best_oa, self.best_epoch = 0, -1.0, -1
+        self.start_epoch, self.best_score, self.best_epoch = 0, -1.0, -1
         self.hooks = [LRSchedule(), Validation(), Checkpoints(), EpochLog()]
         if resumed is not None:
             self._resume(*resumed)
@@ -204,19 +205,10 @@ class Trainer:
             rng = [rng_state()]
         source = getattr(self.model, "source_identity", None)
         return {"model": checkpoint.trainable_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_oa": self.best_oa,
-                "best_epoch": self.best_epoch, "protocol": self.protocol, "rng": rng,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-                "source": source() if source else None, "task": self.task.name,
-                "class_names": self.task.class_names, **self._part_info()}
-
-    def _part_info(self) -> dict[str, Any]:
-        """A segmentation checkpoint's categories' parts and part names (tools/predict.py needs them
-        without the dataset)."""
-        if not hasattr(self.train_set, "category_parts"):
-            return {}
-        return {"category_parts": [list(p) for p in self.train_set.category_parts],
-                "part_names": list(self.train_set.part_names)}
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": self.best_score,
+                "score_name": self.task.score_name, "best_epoch": self.best_epoch, "protocol": self.protocol,
+                "rng": rng, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "source": source() if source else None, **self.task.checkpoint_extras()}
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         if distributed.is_main():
@@ -260,7 +252,9 @@ class Trainer:
             group.update(hyper)
         load_schedule_state(self.scheduler, ckpt["scheduler"])
         self.start_epoch = ckpt["epoch"] + 1
-        self.best_oa, self.best_epoch = ckpt["best_oa"], ckpt["best_epoch"]
+        # checkpoints written before the score had its task's name called it best_oa
+        self.best_score = ckpt["best_score"] if "best_score" in ckpt else ckpt["best_oa"]
+        self.best_epoch = ckpt["best_epoch"]
         rng = ckpt["rng"]
         if len(rng) == distributed.world_size():
             set_rng_state(rng[distributed.rank()])
@@ -268,7 +262,7 @@ class Trainer:
             logger.warning("checkpoint was written by %d processes, resuming with %d: RNG streams restart",
                            len(rng), distributed.world_size())
         logger.info("resumed from %s: %d of %d epochs done (best %s %s %.2f at epoch %d)", path, self.start_epoch,
-                    self.cfg.train.epochs, self.select_split, self.task.metric, self.best_oa, self.best_epoch + 1)
+                    self.cfg.train.epochs, self.select_split, self.task.score_name, self.best_score, self.best_epoch + 1)
 
     # ----------------------------------------------------------------------------------- loop
     def call(self, event: str) -> None:
@@ -320,7 +314,7 @@ class Trainer:
             if not bar.disable and step % POSTFIX_EVERY == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         loss_sum, count = distributed.all_reduce_sum(totals).tolist()
-        return {"loss": loss_sum / count, "acc": self.task.score(meter.compute()),
+        return {"loss": loss_sum / count, self.task.score_name: self.task.score(meter.compute()),
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def final_test(self) -> Metrics | SegmentationMetrics:
@@ -372,9 +366,9 @@ class Validation(Hook):
             return
         m = evaluate(trainer.net, trainer.select_loader, trainer.task, trainer.device, trainer.cfg.train.amp,
                      trainer.select_split)
-        improved = trainer.task.score(m) > trainer.best_oa
+        improved = trainer.task.score(m) > trainer.best_score
         if improved:
-            trainer.best_oa, trainer.best_epoch = trainer.task.score(m), trainer.epoch
+            trainer.best_score, trainer.best_epoch = trainer.task.score(m), trainer.epoch
         trainer.stats.update(select=m, improved=improved)
 
 
@@ -395,7 +389,8 @@ class EpochLog(Hook):
         step, train = trainer.epoch + 1, trainer.stats["train"]
         for key, value in train.items():
             trainer.writer.add(f"train/{key}", value, step)
-        line = (f"epoch {step}/{trainer.cfg.train.epochs}  loss {train['loss']:.4f}  acc {train['acc']:.2f}  "
+        score = trainer.task.score_name
+        line = (f"epoch {step}/{trainer.cfg.train.epochs}  loss {train['loss']:.4f}  {score} {train[score]:.2f}  "
                 f"lr {train['lr']:.2e}")
         m = trainer.stats.get("select")
         if m is not None:
@@ -403,5 +398,5 @@ class EpochLog(Hook):
             for name, value in scalars.items():
                 trainer.writer.add(f"{split}/{name}", value, step)
             line += (f"  | {split} " + " ".join(f"{name} {value:.2f}" for name, value in scalars.items())
-                     + f"  (best {trainer.best_oa:.2f} @ epoch {trainer.best_epoch + 1}, protocol {trainer.protocol})")
+                     + f"  (best {score} {trainer.best_score:.2f} @ epoch {trainer.best_epoch + 1}, protocol {trainer.protocol})")
         logger.info(line)

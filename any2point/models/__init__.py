@@ -5,7 +5,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from any2point.registry import MODELS, build_from_cfg
+from any2point.registry import MODELS, SOURCES, build_from_cfg
 from any2point.utils.imports import import_submodules
 
 import_submodules(__name__, __path__)
@@ -16,4 +16,10 @@ def build_model(cfg: Any) -> nn.Module:
     return build_from_cfg(cfg, MODELS)
 
 
-__all__ = ["build_model"]
+def build_source(cfg: Any) -> nn.Module:
+    """Build the source transformer of ``cfg`` (a ``type:`` mapping of the source registry, e.g. a
+    config's ``model.source``)."""
+    return build_from_cfg(cfg, SOURCES)
+
+
+__all__ = ["build_model", "build_source"]

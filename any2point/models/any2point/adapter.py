@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.extensions import segment_reduce
-from any2point.registry import ConfigError
+from any2point.errors import ConfigError
 from any2point.utils.activation_checkpoint import is_recomputing
 
 Pool = Literal["mean", "maxmean"]

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from any2point.models.sources.base import SourceTransformer
 from any2point.models.tuners.base import Tuner
-from any2point.registry import MODELS, ConfigError, build_from_cfg
+from any2point.registry import MODELS, PROJECTIONS, SOURCES, TOKENIZERS, TUNERS, Slot, build_from_cfg
+from any2point.errors import ConfigError
 from any2point.utils.activation_checkpoint import checkpoint
 
 logger = logging.getLogger("any2point")
@@ -119,6 +120,9 @@ class Any2Point(nn.Module):
             where the source used the other; deviation 10).
     """
 
+    config_slots = {"source": Slot(SOURCES), "tokenizer": Slot(TOKENIZERS), "projection": Slot(PROJECTIONS),
+                    "tuner": Slot(TUNERS)}
+
     def __init__(self, num_classes: int, source: dict, tokenizer: Optional[dict] = None,
                  projection: Optional[dict] = None, tuner: Optional[dict] = None,
                  head_widths: Sequence[int] = (256, 256), head_dropout: float = 0.5,
@@ -135,25 +139,18 @@ class Any2Point(nn.Module):
             if eps is not None and eps <= 0:
                 raise ConfigError(f"model {key} must be positive, got {eps}")
         self.checkpoint_blocks = checkpoint_blocks
-        self.source = build_from_cfg(source, MODELS)
+        self.source = build_from_cfg(source, SOURCES)
         if not isinstance(self.source, SourceTransformer):
             raise ConfigError(f"model source '{source['type']}' is not a SourceTransformer")
-        self.pe_injection = pe_injection or ("every_block" if self.source.modality_dim == 3 else "once")
+        self.pe_injection = pe_injection or self.source.default_pe_injection
         dim = self.source.dim
         if final_norm_eps is not None:
             set_layer_norm_eps(self.source.norm, final_norm_eps, "final_norm_eps")
         if block_norm_eps is not None:
             set_layer_norm_eps(self.source.blocks, block_norm_eps, "block_norm_eps")
-        if self.source.modality_dim == 3:
-            # A 3D-pretrained source embeds its own points: no Point-PN, no virtual projection.
-            for key, value in (("tokenizer", tokenizer), ("projection", projection)):
-                if value is not None:
-                    raise ConfigError(f"model {key}: source '{source['type']}' tokenizes its own points (pretrained "
-                                      f"group tokenizer and centre PE); remove the key")
-            self.tokenizer = self.projection = None
-        else:
-            self.tokenizer = build_from_cfg(tokenizer or {"type": "PointPNTokenizer"}, MODELS, dim=dim)
-            self.projection = build_from_cfg(projection or {"type": "VirtualProjection"}, MODELS, source=self.source)
+        # The source's point embedding: Point-PN + the virtual projection onto its table, or (a
+        # 3D-pretrained source) nothing here, as it embeds its own points.
+        self.tokenizer, self.projection = self.source.build_point_embedding(tokenizer, projection)
         self.tuner = self._build_tuner(tuner or {"type": "GuidedAdapter"})
         if checkpoint_blocks:
             norms = [name for name, m in self.tuner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -178,15 +175,14 @@ class Any2Point(nn.Module):
         available = {"dim": self.source.dim, "depth": self.source.depth}
         if self.projection is not None:
             available.update(num_views=self.projection.num_views, projection=self.projection)
-        target = MODELS.get(cfg["type"])
+        target = TUNERS.get(cfg["type"])
         if not (isinstance(target, type) and issubclass(target, Tuner)):
             raise ConfigError(f"model tuner '{cfg['type']}' is not a Tuner")
-        needs = [k for k in target.injected_args if k not in available]
-        if needs:
+        if any(k not in available for k in target.injected_args):
+            fitting = [name for name in TUNERS.names() if all(k in available for k in TUNERS.get(name).injected_args)]
             raise ConfigError(f"model tuner '{cfg['type']}' needs the virtual projection, which the 3D-pretrained "
-                              f"source '{self.source.name}' does not have; with it use PointPEFT, FullFinetune, "
-                              f"FrozenSource, PromptTuning, AdapterTuning or LoRA")
-        return build_from_cfg(cfg, MODELS, **{k: available[k] for k in target.injected_args})
+                              f"source '{self.source.name}' does not have; with it use {', '.join(fitting)}")
+        return build_from_cfg(cfg, TUNERS, **{k: available[k] for k in target.injected_args})
 
     def _build_head(self, dim: int, num_classes: int, widths: Sequence[int], dropout: float,
                     hidden_bias: bool) -> nn.Module:
@@ -207,9 +203,6 @@ class Any2Point(nn.Module):
         """The source's name and weight-file hash (saved with checkpoints)."""
         return self.source.identity()
 
-    def _table(self) -> Tensor:
-        return self.source.pos_embed_1d if self.source.modality_dim == 1 else self.source.pos_embed_2d
-
     def encode(self, points: Tensor, levels: Sequence[int] = ()) -> Encoded:
         """``points (B, N, 3)`` -> the normed class and point tokens and the token centres, and the
         normed point tokens after each block of ``levels`` (block numbers from 1 to depth)."""
@@ -217,15 +210,9 @@ class Any2Point(nn.Module):
             raise ValueError(f"Any2Point expects points of shape (B, N, 3), got {tuple(points.shape)}")
         if any(not 1 <= k <= self.source.depth for k in levels):
             raise ValueError(f"levels {list(levels)} must be block numbers from 1 to {self.source.depth}")
-        if self.projection is None:
-            centres, tokens = self.source.tokenize(points)
-            pe = self.source.embed_positions(centres)
-            context = self.tuner.prepare_points(centres, tokens, pe, self.source)
-        else:
-            centres, tokens = self.tokenizer(points)
-            projected = self.projection(centres, self._table())
-            context = self.tuner.prepare(projected, self.projection)
-            pe = projected.pe
+        embedded = self.source.embed_points(points, self.tokenizer, self.projection)
+        context = self.tuner.prepare(embedded)
+        centres, tokens, pe = embedded.centres, embedded.tokens, embedded.pe
         b = tokens.shape[0]
         initial = self.pe_injection != "every_block"
         if initial and pe is not None:

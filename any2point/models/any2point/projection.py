@@ -40,7 +40,8 @@ from torch import Tensor
 from any2point.extensions import voxel_ids
 from any2point.models.sources.base import SourceTransformer
 from any2point.models.any2point.tokenizer import sincos_embedding
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import PROJECTIONS
+from any2point.errors import ConfigError
 
 PEKind = Literal["virtual", "none", "sinusoidal", "learnable"]
 LineKind = Literal["even", "pointclip_views"]
@@ -301,7 +302,7 @@ class Projected:
     pe: Optional[Tensor]
 
 
-@MODELS.register()
+@PROJECTIONS.register()
 class VirtualProjection(nn.Module):
     """3D-to-any virtual projection and the positional embedding of the 3D tokens (paper sec. 3).
 

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from any2point.extensions import three_nn_interpolate
 from any2point.models.any2point.classifier import Any2Point, PEInjection
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import MODELS
+from any2point.errors import ConfigError
 
 
 class PartSegmentationHead(nn.Module):

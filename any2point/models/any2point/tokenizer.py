@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.extensions import furthest_point_sample, gather, group, knn
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import TOKENIZERS
+from any2point.errors import ConfigError
 
 NormMode = Literal["scan", "mn40", "mn40_batch"]
 
@@ -436,7 +437,7 @@ class PointPNStage(nn.Module):
 
 
 
-@MODELS.register()
+@TOKENIZERS.register()
 class PointPNTokenizer(nn.Module):
     """Point-PN tokenizer ``points (B, N, 3) -> (centres (B, G, 3), tokens (B, G, dim))``.
 

@@ -18,10 +18,11 @@ from torch import Tensor
 
 from any2point.extensions import voxel_ids
 from any2point.models.any2point.adapter import AdapterBlock, Pool, ViewLocalAttention, compact_segments, pool_segments
-from any2point.models.sources.base import ResidualHook
+from any2point.models.sources.base import Embedded, ResidualHook
 from any2point.models.tuners.base import BlockHooks, Tuner
-from any2point.models.any2point.projection import CellKind, Projected, VirtualProjection
-from any2point.registry import MODELS, ConfigError
+from any2point.models.any2point.projection import CellKind, VirtualProjection
+from any2point.registry import TUNERS
+from any2point.errors import ConfigError
 from any2point.utils.activation_checkpoint import checkpoint as checkpointed
 
 GuidanceKind = Literal["source", "1d", "2d", "3d"]
@@ -87,7 +88,7 @@ def ensemble_views(cells: Tensor, voxels: Tensor, context: GuidanceContext, eps:
     return (weights.unsqueeze(-1) * views).sum(dim=1).view(b, g, c)
 
 
-@MODELS.register()
+@TUNERS.register()
 class GuidedAdapter(Tuner):
     """Any2Point's tuner: the any-to-3D guided adapters of all blocks, after each block's FFN, on a
     frozen source (its final norm trains).
@@ -167,8 +168,9 @@ class GuidedAdapter(Tuner):
         """The cell side asked for (3D cells default to the voxel size)."""
         return self.cell_size if self.guidance != "3d" else (self.cell_size or self.voxel_size)
 
-    def prepare(self, projected: Projected, projection: VirtualProjection) -> GuidanceContext:
+    def prepare(self, embedded: Embedded) -> GuidanceContext:
         """The batch's :class:`GuidanceContext` from the projection's cells of every token."""
+        projection, projected = embedded.projection, embedded.projected
         cells, num_cells = projection.cells_and_count(projected, self.cell_kind(projection),
                                                       self.guidance_cell_size())
         return self.context(cells, projected.xyz, num_cells)

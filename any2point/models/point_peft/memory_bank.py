@@ -13,8 +13,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from any2point.errors import CheckpointError
-from any2point.registry import ConfigError
+from any2point.errors import CheckpointError, ConfigError
 
 BANK_KEYS = frozenset({"features", "source"})
 

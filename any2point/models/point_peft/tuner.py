@@ -58,10 +58,10 @@ from torch.func import functional_call
 from any2point.extensions import furthest_point_sample, gather, knn
 from any2point.models.point_peft.memory_bank import check_bank_source, read_memory_bank
 from any2point.models.any2point.adapter import QuickGELU
-from any2point.models.sources.base import SourceTransformer
+from any2point.models.sources.base import Embedded, SourceTransformer
 from any2point.models.tuners.base import BlockHooks, Tuner
-from any2point.models.any2point.projection import Projected, VirtualProjection
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import TUNERS
+from any2point.errors import ConfigError
 
 logger = logging.getLogger("any2point")
 
@@ -172,7 +172,7 @@ class PointPEFTContext:
     cache: Optional[Tensor]
 
 
-@MODELS.register()
+@TUNERS.register()
 class PointPEFT(Tuner):
     """Point-PEFT's tuner (see the module docstring): the point-prior prompt and the geometry-aware
     adapter, each switchable.
@@ -299,19 +299,20 @@ class PointPEFT(Tuner):
                               f"{self.group_size} tokens; the clouds have {g} tokens")
         return geometry_neighbourhoods(centres, samples, self.group_size, self.num_interp)
 
-    def prepare(self, projected: Projected, projection: VirtualProjection) -> PointPEFTContext:
-        return PointPEFTContext(self._groups(projected.xyz), None)
-
-    def prepare_points(self, centres: Tensor, tokens: Tensor, pe: Tensor,
-                       source: SourceTransformer) -> PointPEFTContext:
+    def prepare(self, embedded: Embedded) -> PointPEFTContext:
+        """The batch's neighbourhoods of the token centres (in the projection's frame where the source
+        has one) and, on a 3D-pretrained source with the prompt, the memory bank's attention to the
+        frozen encoder's global feature (the point-prior cache)."""
+        if embedded.projected is not None:
+            return PointPEFTContext(self._groups(embedded.projected.xyz), None)
         cache = None
         if self.use_prompt:
-            feature = self._global_feature(source, tokens, pe)
+            feature = self._global_feature(embedded.source, embedded.tokens, embedded.pe)
             if self.bank is not None:
                 cache = point_prior_attention(feature, self.bank.to(feature.dtype), self.prompt_count - 2)
             else:
                 cache = feature.unsqueeze(1).expand(-1, self.prompt_count, -1)
-        return PointPEFTContext(self._groups(centres), cache)
+        return PointPEFTContext(self._groups(embedded.centres), cache)
 
     def enter_block(self, index: int, x: Tensor, context: PointPEFTContext) -> Tensor:
         if not self.use_prompt or index > self.prompt_depth:

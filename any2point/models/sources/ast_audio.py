@@ -28,7 +28,8 @@ from any2point.models.sources.base import AttentionWeight, ResidualHook, SourceT
 from any2point.models.sources.hf_encoder import (build_hf_model, find_layers, hf_attention_weights, hf_config,
                                                    hf_download_hint, hf_weight_file, layer_runner, load_hf_model,
                                                    resolve_pretrained)
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import SOURCES
+from any2point.errors import ConfigError
 
 if TYPE_CHECKING:  # the model library loads only when a source is built
     from transformers import PreTrainedModel
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # the model library loads only when a source is built
 AST_MODEL_TYPE = "audio-spectrogram-transformer"
 
 
-@MODELS.register()
+@SOURCES.register()
 class ASTSource(SourceTransformer):
     """A transformers AST encoder, frozen: (B, T, C) tokens -> (B, T, C); table ``pos_embed_2d``
     (frequency rows, time columns, C) = (12, 101, 768) for AST-base on 128 mel bins x 1024 frames.

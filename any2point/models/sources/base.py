@@ -18,7 +18,12 @@ contract"). A wrapper exposes:
   where tuners insert their modules;
 - :meth:`attention_weights`: where block ``i``'s attention projections live (for LoRA);
 - :meth:`load_pretrained`: strict loading through a per-source key converter;
-- :meth:`identity`: the name and the sha256 of the weight file, stored in checkpoints.
+- :meth:`identity`: the name and the sha256 of the weight file, stored in checkpoints;
+- the **point-embedding slot**: :meth:`build_point_embedding` builds what turns a cloud into tokens
+  for this source and :meth:`embed_points` runs it, giving an :class:`Embedded`. A source with a
+  position table (1D or 2D) gets the method's tokenizer (Point-PN) and virtual projection onto its
+  table; a 3D-pretrained source (:mod:`.point_transformer`) embeds points itself. The classifier
+  and the tuners read only :class:`Embedded`, whatever the kind of source.
 
 A wrapper neither freezes itself nor fixes its train/eval mode: the tuner of the method
 (:mod:`any2point.models.tuners`) decides which source parameters train and which mode the source's
@@ -30,13 +35,14 @@ import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from any2point.errors import CheckpointError
+from any2point.registry import PROJECTIONS, TOKENIZERS, build_from_cfg
 
 ResidualHook = Callable[[Tensor, Tensor], Tensor]
 """``hook(x, f) -> x_new``: ``x`` is the residual stream entering a residual add (B, T, C), ``f`` the
@@ -137,6 +143,29 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
+@dataclass
+class Embedded:
+    """One batch of clouds as tokens of a source: what the classifier adds and the tuners read
+    (:meth:`~any2point.models.tuners.base.Tuner.prepare`).
+
+    Attributes:
+        centres: the token centres ``(B, G, 3)``.
+        tokens: the point tokens ``(B, G, C)``.
+        pe: their positional embedding ``(B, G, C)`` (``None`` without one).
+        source: the source the tokens are for.
+        projected: the virtual projection's output (positions and frame of every token in every
+            view) for a source with a table; ``None`` for a 3D-pretrained source.
+        projection: the virtual projection that produced ``projected`` (``None`` likewise).
+    """
+
+    centres: Tensor
+    tokens: Tensor
+    pe: Optional[Tensor]
+    source: "SourceTransformer"
+    projected: Any = None
+    projection: Any = None
+
+
 class SourceTransformer(nn.Module):
     """Base class of all sources; subclasses build their modules and load their weights.
 
@@ -162,10 +191,35 @@ class SourceTransformer(nn.Module):
         self.weight_file: Optional[str] = None
         self.weight_sha256: Optional[str] = None
 
+    #: How the point embedding's positions enter the blocks by default (the classifier's
+    #: ``pe_injection``): once before the first block, as Any2Point adds its projected PE.
+    default_pe_injection: str = "once"
+
     @property
     def modality_dim(self) -> int:
         """1 for sources with a 1D table (language), 2 for a 2D table (vision, audio)."""
         return 1 if getattr(self, "pos_embed_1d", None) is not None else 2
+
+    @property
+    def position_table(self) -> Tensor:
+        """The table the virtual projection reads: ``pos_embed_1d`` (L, C) or ``pos_embed_2d`` (H, W, C)."""
+        return self.pos_embed_1d if self.modality_dim == 1 else self.pos_embed_2d
+
+    def build_point_embedding(self, tokenizer: Optional[dict], projection: Optional[dict]
+                              ) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+        """The tokenizer (``tokenizer`` mapping, default Point-PN; gets ``dim``) and the virtual
+        projection onto this source's table (``projection`` mapping; gets the source) that embed a
+        cloud for it."""
+        return (build_from_cfg(tokenizer or {"type": "PointPNTokenizer"}, TOKENIZERS, dim=self.dim),
+                build_from_cfg(projection or {"type": "VirtualProjection"}, PROJECTIONS, source=self))
+
+    def embed_points(self, points: Tensor, tokenizer: Optional[nn.Module], projection: Optional[nn.Module]
+                     ) -> Embedded:
+        """``points (B, N, 3)`` -> their tokens, centres and the projected PE, with the modules of
+        :meth:`build_point_embedding`."""
+        centres, tokens = tokenizer(points)
+        projected = projection(centres, self.position_table)
+        return Embedded(centres, tokens, projected.pe, self, projected, projection)
 
     def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
                       attn_hook: Optional[ResidualHook] = None) -> Tensor:

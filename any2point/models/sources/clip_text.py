@@ -24,7 +24,8 @@ from torch import Tensor
 
 from any2point.models.sources.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              read_state_dict, residual, single)
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import SOURCES
+from any2point.errors import ConfigError
 
 WEIGHTS_SOURCE = ("OpenAI (https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84"
                   "cd88be6f7c2e0eca1737a03836/ViT-L-14.pt) or an open_clip checkpoint of the same model")
@@ -125,7 +126,7 @@ class SelfAttention(nn.MultiheadAttention):
         return self.out_proj(out), None
 
 
-@MODELS.register()
+@SOURCES.register()
 class CLIPTextSource(SourceTransformer):
     """The text transformer of an open_clip model, frozen: (B, T, C) tokens -> (B, T, C).
 

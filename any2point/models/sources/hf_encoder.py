@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.errors import CheckpointError
+from any2point.errors import CheckpointError, ConfigError, SourceUnavailableError
 from any2point.models.sources.base import AttentionWeight, ResidualHook, SourceTransformer, residual, single
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import SOURCES
 
 if TYPE_CHECKING:  # the model library loads only when a source is built
     from transformers import PretrainedConfig, PreTrainedModel
@@ -60,10 +60,6 @@ LayerRunner = Callable[[nn.Module, Tensor, Optional[ResidualHook], Optional[Resi
 # Names of the attention projections in transformers layers (BERT, CLIP, ViT, AST, ...).
 _PROJECTION_NAMES = {"query": "q", "q_proj": "q", "key": "k", "k_proj": "k", "value": "v", "v_proj": "v",
                      "out_proj": "o", "o_proj": "o"}
-
-
-class SourceUnavailableError(FileNotFoundError):
-    """A source's pretrained weights are not on this machine, and nothing is downloaded at run time."""
 
 
 # ----------------------------------------------------------------------------- where weights live
@@ -313,7 +309,7 @@ def _position_table(embeddings: nn.Module, what: str) -> tuple[nn.Embedding, int
                      f"have no table to project onto")
 
 
-@MODELS.register()
+@SOURCES.register()
 class HFEncoderSource(SourceTransformer):
     """A Hugging Face ``transformers`` text encoder, frozen: (B, T, C) tokens -> (B, T, C); table
     ``pos_embed_1d`` (L, C).

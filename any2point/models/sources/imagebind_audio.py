@@ -22,7 +22,8 @@ from torch import Tensor
 
 from any2point.models.sources.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              read_state_dict, residual, single)
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import SOURCES
+from any2point.errors import ConfigError
 
 WEIGHTS_SOURCE = "Meta (https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth)"
 
@@ -125,7 +126,7 @@ class ImageBindBlock(nn.Module):
         return residual(ffn_hook, x, self.mlp(self.norm_2(x)))
 
 
-@MODELS.register()
+@SOURCES.register()
 class ImageBindAudioSource(SourceTransformer):
     """ImageBind's audio trunk, frozen: (B, T, C) tokens -> (B, T, C); table ``pos_embed_2d``
     (mel rows, time columns, C) = (12, 19, 768) at the paper's size.

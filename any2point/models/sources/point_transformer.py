@@ -39,11 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from any2point.errors import CheckpointError
+from any2point.errors import CheckpointError, ConfigError
 from any2point.extensions import furthest_point_sample, group, knn
-from any2point.models.sources.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
-                                             residual, single)
-from any2point.registry import MODELS, ConfigError
+from any2point.models.sources.base import (AttentionWeight, Embedded, ResidualHook, SourceTransformer, fused_qkv,
+                                          residual, single)
+from any2point.registry import SOURCES
 
 logger = logging.getLogger("any2point")
 
@@ -152,10 +152,26 @@ class PointTransformerSource(SourceTransformer):
         if path is not None:
             self.load_pretrained(path)
 
+    #: Pretrained with the centres' embedding added before every block.
+    default_pe_injection = "every_block"
+
     @property
     def modality_dim(self) -> int:
         """3: the source embeds 3D points itself (no virtual projection)."""
         return 3
+
+    def build_point_embedding(self, tokenizer: Optional[dict], projection: Optional[dict]) -> tuple[None, None]:
+        """Nothing to build: the source's own group tokenizer and centre embedding embed the points."""
+        for key, value in (("tokenizer", tokenizer), ("projection", projection)):
+            if value is not None:
+                raise ConfigError(f"model {key}: source '{type(self).__name__}' tokenizes its own points (pretrained "
+                                  f"group tokenizer and centre PE); remove the key")
+        return None, None
+
+    def embed_points(self, points: Tensor, tokenizer: None = None, projection: None = None) -> Embedded:
+        """``points (B, N, 3)`` -> the source's own tokens, their centres and the centres' embedding."""
+        centres, tokens = self.tokenize(points)
+        return Embedded(centres, tokens, self.embed_positions(centres), self)
 
     def tokenize(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """``points (B, N, 3) -> centres (B, G, 3), tokens (B, G, C)`` (FPS + kNN + mini-PointNet)."""
@@ -211,7 +227,7 @@ def group_points(points: Tensor, num_groups: int, group_size: int) -> tuple[Tens
     return centres, group(points, idx, centres)
 
 
-@MODELS.register()
+@SOURCES.register()
 class PointMAESource(PointTransformerSource):
     """The Point-MAE encoder (12 x 384, 6 heads; no class token)."""
 
@@ -220,7 +236,7 @@ class PointMAESource(PointTransformerSource):
         super().__init__(pretrained, "point_mae", dim, depth, heads, mlp_ratio, num_groups, group_size, dim)
 
 
-@MODELS.register()
+@SOURCES.register()
 class PointBERTSource(PointTransformerSource):
     """The Point-BERT encoder (12 x 384, 6 heads; 256-wide groups mapped to 384 by a Linear; a class token)."""
 

@@ -37,8 +37,8 @@ from any2point.models.sources.base import (AttentionWeight, ResidualHook, Source
                                              check_state_dict_keys, check_state_dict_shapes, fused_qkv,
                                              residual, single)
 from any2point.models.sources.hf_encoder import hf_download_hint, resolve_pretrained
-from any2point.errors import CheckpointError
-from any2point.registry import MODELS, ConfigError
+from any2point.errors import CheckpointError, ConfigError
+from any2point.registry import SOURCES
 
 BlockRunner = Callable[[nn.Module, Tensor, Optional[ResidualHook], Optional[ResidualHook]], Tensor]
 # Checkpoint keys of a timm ViT that do not apply to 3D tokens.
@@ -111,7 +111,7 @@ def read_timm_checkpoint(path: Path) -> dict[str, Tensor]:
     return state
 
 
-@MODELS.register()
+@SOURCES.register()
 class TimmViTSource(SourceTransformer):
     """A timm ViT by name, frozen: (B, T, C) tokens -> (B, T, C); table ``pos_embed_2d`` (H, W, C).
 

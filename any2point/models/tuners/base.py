@@ -14,9 +14,9 @@ A tuner decides, for the assembled classifier (:class:`any2point.models.any2poin
   layers inside the source (LoRA);
 - **how many prompt tokens the blocks carry** (:attr:`Tuner.num_prompts`, placed between the class
   token and the point tokens, rewritten before each block by :meth:`Tuner.enter_block`);
-- **what it needs from each batch's geometry** (:meth:`Tuner.prepare`; the guided adapter's cells;
-  :meth:`Tuner.prepare_points` for a 3D-pretrained source, which embeds its own points and has no
-  projection).
+- **what it needs from each batch's geometry** (:meth:`Tuner.prepare`, from the source's
+  :class:`~any2point.models.sources.base.Embedded`: the guided adapter's cells of the virtual
+  projection, Point-PEFT's neighbourhoods of the token centres).
 
 Tuners are registered on the model registry and built by the classifier, which injects what a
 tuner names in ``injected_args`` out of ``dim`` and ``depth`` (the source's width and number of
@@ -33,8 +33,7 @@ from typing import Any, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from any2point.models.sources.base import ResidualHook, SourceTransformer
-from any2point.models.any2point.projection import Projected, VirtualProjection
+from any2point.models.sources.base import Embedded, ResidualHook, SourceTransformer
 
 logger = logging.getLogger("any2point")
 
@@ -71,13 +70,8 @@ class Tuner(nn.Module):
         """Set the train/eval mode of the source's modules when the classifier's ``train(mode)`` runs."""
         source.train(mode and self.trains_source)
 
-    def prepare(self, projected: Projected, projection: VirtualProjection) -> Any:
-        """The per-batch context the hooks need, from the projection's output (default: none)."""
-        return None
-
-    def prepare_points(self, centres: Tensor, tokens: Tensor, pe: Tensor, source: SourceTransformer) -> Any:
-        """The per-batch context with a 3D-pretrained source, from its token centres ``(B, G, 3)``, tokens
-        and positional embedding ``(B, G, C)`` (default: none)."""
+    def prepare(self, embedded: Embedded) -> Any:
+        """The per-batch context the hooks need, from the batch's point embedding (default: none)."""
         return None
 
     def enter_block(self, index: int, x: Tensor, context: Any) -> Tensor:

@@ -13,7 +13,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from any2point.models.tuners.base import BlockHooks, Tuner
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import TUNERS
+from any2point.errors import ConfigError
 
 
 class Bottleneck(nn.Module):
@@ -36,7 +37,7 @@ def _adapted_add(adapter: Bottleneck, x: Tensor, f: Tensor) -> Tensor:
     return x + f + adapter(f)
 
 
-@MODELS.register()
+@TUNERS.register()
 class AdapterTuning(Tuner):
     """Houlsby bottleneck adapters, two per block (after attention, after the FFN).
 

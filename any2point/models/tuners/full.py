@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from any2point.models.sources.base import SourceTransformer
 from any2point.models.tuners.base import Tuner
-from any2point.registry import MODELS
+from any2point.registry import TUNERS
 
 
-@MODELS.register()
+@TUNERS.register()
 class FullFinetune(Tuner):
     """Every source parameter trains; its modules run in the classifier's mode."""
 
@@ -22,6 +22,6 @@ class FullFinetune(Tuner):
         source.requires_grad_(True)
 
 
-@MODELS.register()
+@TUNERS.register()
 class FrozenSource(Tuner):
     """The source as it is, frozen (its final norm trains, as in every tuner); nothing inserted."""

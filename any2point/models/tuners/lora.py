@@ -27,7 +27,8 @@ from torch.func import functional_call
 
 from any2point.models.sources.base import AttentionWeight, SourceTransformer
 from any2point.models.tuners.base import Tuner
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import TUNERS
+from any2point.errors import ConfigError
 
 TARGETS = ("q", "k", "v", "o")
 
@@ -94,7 +95,7 @@ class LoRAWrapper(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}, targets={targets}"
 
 
-@MODELS.register()
+@TUNERS.register()
 class LoRA(Tuner):
     """Low-rank updates of the attention projections of every block of a frozen source.
 

@@ -15,10 +15,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from any2point.models.tuners.base import Tuner
-from any2point.registry import MODELS, ConfigError
+from any2point.registry import TUNERS
+from any2point.errors import ConfigError
 
 
-@MODELS.register()
+@TUNERS.register()
 class PromptTuning(Tuner):
     """``num_prompts`` learnable tokens per block (VPT-deep), Xavier-uniform initialised.
 

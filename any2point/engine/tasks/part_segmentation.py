@@ -1,11 +1,4 @@
-"""Tasks: what a model is trained and evaluated for.
-
-The training loop and the evaluation loop never read a batch themselves: a task turns a batch into
-the model's outputs (:meth:`ClassificationTask.forward`), the outputs into a loss
-(:meth:`ClassificationTask.loss`) and, through a meter, into metrics; with test-time voting it
-combines the outputs of the passes (:meth:`ClassificationTask.combine`). Part segmentation
-(:class:`SegmentationTask`) is a class with the same members; the loops are the same.
-"""
+"""Part segmentation: a part per point of a cloud of a known category, instance / class mIoU."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -16,85 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.engine import distributed
-from any2point.engine.metrics import (Metrics, SegmentationMetrics, category_part_mask, confusion_matrix,
-                                      restricted_prediction, shape_part_iou)
-from any2point.registry import ConfigError
-
-Batch = dict[str, Any]
-
-
-class ClassificationTask:
-    """Shape classification: ``batch["points"] (B, N, 3) -> logits (B, K)``, cross-entropy against
-    ``batch["label"] (B,)``; metrics OA / mAcc / per-class accuracy; model selection on OA.
-
-    Args:
-        num_classes: K.
-        class_names: the K class names, in label order (for logs and result files).
-        label_smoothing: of the cross-entropy (0 = plain, the paper's recipe).
-    """
-
-    name = "classification"
-    metric = "OA"
-
-    def __init__(self, num_classes: int, class_names: Sequence[str] = (), label_smoothing: float = 0.0) -> None:
-        self.num_classes = num_classes
-        self.class_names = list(class_names) or [str(i) for i in range(num_classes)]
-        self.label_smoothing = label_smoothing
-
-    def forward(self, model: nn.Module, batch: Batch, device: torch.device) -> Tensor:
-        """The model's logits ``(B, K)`` for a batch."""
-        return model(batch["points"].to(device, non_blocking=True))
-
-    def target(self, batch: Batch, device: torch.device) -> Tensor:
-        return batch["label"].to(device, non_blocking=True)
-
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs.float(), self.target(batch, outputs.device),
-                               label_smoothing=self.label_smoothing)
-
-    def meter(self, device: torch.device) -> "ClassificationMeter":
-        return ClassificationMeter(self, device)
-
-    @staticmethod
-    def combine(outputs: list[Tensor], batches: list[Batch]) -> Tensor:
-        """Test-time voting: the mean of the passes' outputs."""
-        return torch.stack(outputs).mean(0)
-
-    def check_model(self, model_cfg: Any, dataset_type: str) -> None:
-        """Refuse a model config whose output size does not fit the dataset."""
-        expected = model_cfg.get("num_classes")
-        if expected is not None and expected != self.num_classes:
-            raise ConfigError(f"model.num_classes={expected} but dataset {dataset_type} has "
-                              f"{self.num_classes} classes")
-
-    @staticmethod
-    def score(metrics: Metrics) -> float:
-        """The number model selection maximises."""
-        return metrics.oa
-
-    @staticmethod
-    def scalars(metrics: Metrics) -> dict[str, float]:
-        """The numbers logged per evaluation (log line and TensorBoard)."""
-        return {"OA": metrics.oa, "mAcc": metrics.macc}
+from any2point.engine.tasks.base import Batch, Task
+from any2point.engine.metrics import SegmentationMetrics, category_part_mask, restricted_prediction, shape_part_iou
+from any2point.errors import ConfigError
+from any2point.registry import TASKS
 
 
-class ClassificationMeter:
-    """Accumulates the confusion matrix of a task's outputs over batches; :meth:`compute`
-    all-reduces it over processes, so every sample of the split counts once."""
-
-    def __init__(self, task: ClassificationTask, device: torch.device) -> None:
-        self.task = task
-        self.cm = torch.zeros(task.num_classes, task.num_classes, dtype=torch.int64, device=device)
-
-    def add(self, outputs: Tensor, batch: Batch) -> None:
-        labels = self.task.target(batch, self.cm.device)
-        self.cm += confusion_matrix(outputs.argmax(-1).to(self.cm.device), labels, self.task.num_classes)
-
-    def compute(self) -> Metrics:
-        return Metrics.from_confusion(distributed.all_reduce_sum(self.cm).cpu())
-
-
-class SegmentationTask:
+@TASKS.register(name="part_segmentation")
+class SegmentationTask(Task):
     """Part segmentation: ``(batch["points"] (B, N, 3), batch["label"] (B,) the category) -> part logits
     (B, N, P)``, per-point cross-entropy against ``batch["parts"] (B, N)``; metrics instance and
     class mIoU with per-category mIoU, predictions restricted to the category's parts; model
@@ -108,7 +30,8 @@ class SegmentationTask:
     """
 
     name = "part_segmentation"
-    metric = "instance mIoU"
+    #: The name of :meth:`score`, the number model selection maximises (logs, results, checkpoints).
+    score_name = "instance_mIoU"
 
     def __init__(self, class_names: Sequence[str], category_parts: Sequence[Sequence[int]], num_parts: int,
                  label_smoothing: float = 0.0) -> None:
@@ -118,6 +41,20 @@ class SegmentationTask:
         self.num_parts = num_parts
         self.label_smoothing = label_smoothing
         self.mask = category_part_mask(self.category_parts, num_parts)
+        self.part_names = [str(p) for p in range(num_parts)]
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, label_smoothing: float = 0.0) -> "SegmentationTask":
+        """The task of a part dataset (its categories, their parts and the part names)."""
+        task = cls(dataset.class_names, dataset.category_parts, dataset.num_parts, label_smoothing)
+        task.part_names = list(dataset.part_names) or task.part_names
+        return task
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """What a checkpoint records of the task besides the model: the categories, their parts and
+        the part names (read by predict and visualize)."""
+        return {"task": self.name, "class_names": list(self.class_names),
+                "category_parts": [list(p) for p in self.category_parts], "part_names": list(self.part_names)}
 
     def forward(self, model: nn.Module, batch: Batch, device: torch.device) -> Tensor:
         """The model's part logits ``(B, N, P)`` for a batch."""
@@ -187,14 +124,3 @@ class SegmentationMeter:
         sums = distributed.all_reduce_sum(self.sums).cpu()
         points = distributed.all_reduce_sum(self.points).cpu()
         return SegmentationMetrics.from_sums(sums[0], sums[1], int(points[0]), int(points[1]))
-
-
-Task = ClassificationTask | SegmentationTask
-
-
-def build_task(dataset: Any, label_smoothing: float = 0.0) -> Task:
-    """The task of a dataset: part segmentation for a dataset with part labels (``category_parts``),
-    classification for every other."""
-    if hasattr(dataset, "category_parts"):
-        return SegmentationTask(dataset.class_names, dataset.category_parts, dataset.num_parts, label_smoothing)
-    return ClassificationTask(dataset.num_classes, dataset.class_names, label_smoothing)
