@@ -52,7 +52,10 @@ def parse_yaml(text: str, where: str = "YAML text") -> Any:
 
 @dataclass
 class ExperimentConfig:
-    """Where outputs go and how randomness is controlled."""
+    """Where outputs go and how randomness is controlled. ``name`` (the run's folder under
+    ``output_dir``) defaults to the config file's path under ``cfgs/``, folders joined by ``_``
+    (``cfgs/paper/table2/lora_dinov2.yaml`` -> ``paper_table2_lora_dinov2``; a file elsewhere: its
+    stem), unless a config file or an override sets it."""
 
     name: str = "default"
     output_dir: str = "experiments"
@@ -312,10 +315,23 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     _drop_retyped_defaults(cfg, tree)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     cfg._metadata.provenance = provenance
+    if "experiment.name" not in provenance:
+        cfg.experiment.name = default_experiment_name(Path(path))
     for item in overrides:
         _apply_override(cfg, item, provenance)
     validate(cfg)
     return cfg
+
+
+def default_experiment_name(path: Path) -> str:
+    """The experiment name of a config file that sets none: its path under the nearest ``cfgs``
+    folder above it, without the suffix, folders joined by ``_``; its stem outside such a folder."""
+    path = path.resolve()
+    parts = path.with_suffix("").parts
+    if "cfgs" in parts[:-1]:
+        start = len(parts) - 1 - parts[:-1][::-1].index("cfgs")
+        return "_".join(parts[start:])
+    return path.stem
 
 
 def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> DictConfig:

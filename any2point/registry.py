@@ -133,6 +133,13 @@ def _check_type(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _describe(annotation: Any) -> str:
+    """An annotation as a reader writes it: ``float``, ``Optional[dict]``, ``Literal['a', 'b']``."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], what: str,
                  cfg: Any = None, injected: tuple[str, ...] = ()) -> None:
     """Validate config keys against ``target``'s signature; raise :class:`ConfigError` naming the key."""
@@ -152,7 +159,7 @@ def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], what: st
         if not _check_type(_to_plain(value), annotation):
             raise ConfigError(
                 f"wrong type for key '{key}' of {what}{_where(cfg, key)}: got {type(value).__name__} "
-                f"{value!r}, expected {getattr(annotation, '__name__', annotation)}")
+                f"{value!r}, expected {_describe(annotation)}")
     for name, p in params.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name == "self" or name in injected:
             continue

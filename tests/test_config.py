@@ -158,3 +158,46 @@ def test_misspelt_mapping_key_names_key_and_file(tmp_path: Path) -> None:
     leaf = write(tmp_path / "leaf.yaml", {"_base_": "a.yaml", "model": {"adaptr": {"type": "X", "width": 3}}})
     with pytest.raises(ConfigError, match="adaptr"):
         load_config(leaf)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ANY2POINT = ["model.source.width=32", "model.source.depth=2"]
+
+
+def test_experiment_name_defaults_to_the_path_under_cfgs(tmp_path: Path) -> None:
+    assert load_config(ROOT / "cfgs/paper/table2/lora_dinov2.yaml").experiment.name == "paper_table2_lora_dinov2"
+    assert load_config(ROOT / "cfgs/demo.yaml").experiment.name == "demo"
+    outside = write(tmp_path / "mine" / "run_a.yaml", BASE)
+    assert load_config(outside).experiment.name == "run_a"
+    nested = write(tmp_path / "cfgs" / "sub" / "run_b.yaml", BASE)
+    assert load_config(nested).experiment.name == "sub_run_b"
+    named = write(tmp_path / "cfgs" / "run_c.yaml", {**BASE, "experiment": {"name": "mine"}})
+    assert load_config(named).experiment.name == "mine"
+    assert load_config(nested, ["experiment.name=other"]).experiment.name == "other"
+
+
+def test_an_argument_absent_from_the_yaml_is_overridden_without_plus() -> None:
+    path = ROOT / "cfgs/scanobjectnn/any2point_clip_text.yaml"
+    assert "dense_cell_norm" not in load_config(path).model.tuner
+    cfg = load_config(path, ["model.tuner.dense_cell_norm=true", "model.head_dropout=0.3"])
+    assert cfg.model.tuner.dense_cell_norm is True and cfg.model.head_dropout == 0.3
+    with pytest.raises(ConfigError, match=r"unknown key 'model.tuner.dense_cel_norm'.*GuidedAdapter.*dense_cell_norm"):
+        load_config(path, ["model.tuner.dense_cel_norm=true"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model.sauce.pretrained'.*'\+model.sauce.pretrained"):
+        load_config(path, ["model.sauce.pretrained=null"])
+
+
+def test_a_key_of_the_wrong_kind_names_the_kind_and_its_types() -> None:
+    path = ROOT / "cfgs/scanobjectnn/any2point_clip_text.yaml"
+    with pytest.raises(ConfigError, match=r"unknown tuner type 'CLIPTextSource' at 'model.tuner'.*registered tuner "
+                                          r"types: .*GuidedAdapter.*LoRA"):
+        load_config(path, ["model.tuner={type: CLIPTextSource}"])
+    with pytest.raises(ConfigError, match=r"unknown source type 'GuidedAdapter' at 'model.source'"):
+        load_config(path, ["model.source={type: GuidedAdapter}"])
+    with pytest.raises(ConfigError, match=r"wrong type for key 'tokenizer'.*got int 16, expected Optional\[dict\]"):
+        load_config(path, ["model.tokenizer=16"])
+    with pytest.raises(ConfigError, match=r"'model.tokenizer' must be a tokenizer mapping with a 'type' key; "
+                                          r"registered tokenizer types: PointPNTokenizer"):
+        load_config(path, ["model.tokenizer={k: 16}"])
+    with pytest.raises(ConfigError, match=r"unknown transform type 'PointNet' at 'dataset.transforms.train\[0\]'"):
+        load_config(path, ["dataset.transforms.train=[{type: PointNet}]"])

@@ -20,7 +20,6 @@ does not know, on a missing tensor and on a shape mismatch.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from any2point.errors import CheckpointError
+from any2point.utils.safe_load import load_torch_file
 
 #: Where the official README's "Ckpt Release" links the files (Google Drive).
 RELEASE_PAGE = "https://github.com/Ivan-Tang-3D/Any2Point#ckpt-release"
@@ -129,13 +129,7 @@ def read_released(path: str | Path, run: OfficialRun) -> tuple[dict[str, Tensor]
     except ImportError:  # NumPy < 2
         from numpy.core.multiarray import scalar
     allowed = [scalar, np.dtype, *(type(np.dtype(t)) for t in ("f8", "f4", "i8"))]
-    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    try:
-        with safe(allowed) if safe is not None else contextlib.nullcontext():
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (any unreadable file is the user's to fix)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable released checkpoint: {first}") from None
+    obj = load_torch_file(path, "released checkpoint", allowed_globals=allowed)
     entry = WEIGHTS_ENTRY[run.layout]
     if not isinstance(obj, Mapping) or not isinstance(obj.get(entry), Mapping):
         found = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__

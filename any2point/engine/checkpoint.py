@@ -9,10 +9,7 @@ that needs anything else (an object whose unpickling could run code) is refused,
 from __future__ import annotations
 
 import os
-import pickle
-import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from any2point.errors import CheckpointError, ExperimentError, describe_os_error
+from any2point.utils.safe_load import load_torch_file
 
 TMP_SUFFIX = ".tmp"
 
@@ -129,23 +127,7 @@ def load(path: str | Path) -> dict[str, Any]:
 
     Raises :class:`CheckpointError` naming the file when it is missing, truncated or corrupt, or
     needs objects beyond tensors and plain containers (nothing in it is executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():  # garbage may look like an unusual pickle protocol: the error says it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe:
-            raise CheckpointError(
-                f"refusing to load {path}: it calls '{unsafe.group(1)}' when unpickled, but a checkpoint holds only "
-                f"tensors, numbers, strings, lists and dicts (this file could run code; nothing in it ran)") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
-    except Exception as e:  # noqa: BLE001  (random bytes fail in many ways inside the unpickler)
-        first = str(e).split(". ")[0] or type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first})") from None
+    obj = load_torch_file(path, "checkpoint")
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not an any2point checkpoint (no 'model' entry)")
     return obj

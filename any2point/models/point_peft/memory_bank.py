@@ -14,23 +14,14 @@ import torch
 from torch import Tensor
 
 from any2point.errors import CheckpointError, ConfigError
+from any2point.utils.safe_load import load_torch_file
 
 BANK_KEYS = frozenset({"features", "source"})
 
 
-def _load(path: str | Path, what: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001  (a corrupt file fails in many ways inside the unpickler)
-        raise CheckpointError(f"{what} '{path}': cannot read it (corrupt, truncated, or not a weights-only torch "
-                              f"file): {str(exc).splitlines()[0]}") from exc
-
-
 def read_memory_bank(path: str | Path) -> Tensor:
     """The ``(M, C)`` features of a bank file in our layout; anything else is a :class:`CheckpointError`."""
-    obj = _load(path, "memory bank")
+    obj = load_torch_file(path, "memory bank")
     if isinstance(obj, Tensor):
         raise CheckpointError(f"memory bank '{path}' is a bare tensor (the released cache_shape.pt layout); "
                               f"convert it with `python tools/build_memory_bank.py --released {path} --out NEW`")
@@ -45,7 +36,7 @@ def read_memory_bank(path: str | Path) -> Tensor:
 
 def read_bank_source(path: str | Path) -> Mapping[str, Any]:
     """The identity (``name``, ``weights``, ``sha256``) of the source a bank file was built with."""
-    obj = _load(path, "memory bank")
+    obj = load_torch_file(path, "memory bank")
     source = obj.get("source") if isinstance(obj, Mapping) else None
     return source if isinstance(source, Mapping) else {}
 
@@ -71,7 +62,7 @@ def save_memory_bank(features: Tensor, source: Mapping[str, Optional[str]], path
 
 def convert_released_bank(released: str | Path, out: str | Path) -> Tensor:
     """Convert the released ``cache_shape.pt`` (a bare ``(C, M)`` tensor) to our layout at ``out``."""
-    obj = _load(released, "released memory bank")
+    obj = load_torch_file(released, "released memory bank")
     if not isinstance(obj, Tensor) or obj.ndim != 2 or not obj.is_floating_point():
         raise CheckpointError(f"released memory bank '{released}' must be a bare 2-D float tensor (C, M), got "
                               f"{type(obj).__name__}")

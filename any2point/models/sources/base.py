@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from any2point.errors import CheckpointError
+from any2point.utils.safe_load import load_torch_file
 from any2point.registry import PROJECTIONS, TOKENIZERS, build_from_cfg
 
 ResidualHook = Callable[[Tensor, Tensor], Tensor]
@@ -131,11 +132,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     Lightning) is unwrapped; anything that is not a mapping of names to tensors is an error naming
     the file.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # noqa: BLE001  (a corrupt file fails in many ways inside the unpickler)
-        raise CheckpointError(f"{what}: cannot read the weight file '{path}' (corrupt, truncated, or not a "
-                              f"weights-only torch file): {str(exc).splitlines()[0]}") from exc
+    obj = load_torch_file(path, f"{what} weight file", mmap=zipfile.is_zipfile(path))
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):

@@ -44,6 +44,7 @@ from any2point.extensions import furthest_point_sample, group, knn
 from any2point.models.sources.base import (AttentionWeight, Embedded, ResidualHook, SourceTransformer, fused_qkv,
                                           residual, single)
 from any2point.registry import SOURCES
+from any2point.utils.safe_load import load_torch_file
 
 logger = logging.getLogger("any2point")
 
@@ -248,11 +249,7 @@ class PointBERTSource(PointTransformerSource):
 def read_pretrain_file(path: str | Path, what: str) -> dict[str, Tensor]:
     """The tensors of a Point-BERT-style checkpoint: its ``base_model`` entry (or the file itself when it
     is a bare state dict), the DataParallel ``module.`` prefix removed."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (a corrupt file fails in many ways inside the unpickler)
-        raise CheckpointError(f"{what}: cannot read the file (corrupt, truncated, or not a weights-only torch "
-                              f"file): {str(exc).splitlines()[0]}") from exc
+    obj = load_torch_file(path, f"{what} checkpoint")
     if isinstance(obj, Mapping) and isinstance(obj.get("base_model"), Mapping):
         obj = obj["base_model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):

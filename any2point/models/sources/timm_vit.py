@@ -39,6 +39,7 @@ from any2point.models.sources.base import (AttentionWeight, ResidualHook, Source
 from any2point.models.sources.hf_encoder import hf_download_hint, resolve_pretrained
 from any2point.errors import CheckpointError, ConfigError
 from any2point.registry import SOURCES
+from any2point.utils.safe_load import load_torch_file
 
 BlockRunner = Callable[[nn.Module, Tensor, Optional[ResidualHook], Optional[ResidualHook]], Tensor]
 # Checkpoint keys of a timm ViT that do not apply to 3D tokens.
@@ -100,7 +101,7 @@ def read_timm_checkpoint(path: Path) -> dict[str, Tensor]:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, "timm weight file")
         for key in ("model", "state_dict"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
