@@ -17,8 +17,8 @@ from any2point import build_model, load_config
 from any2point.engine import checkpoint
 from any2point.errors import CheckpointError
 from main import main as main_entry
-from any2point.convert.official import (POINT_PEFT_RUNS, RUNS, compare_frozen, convert_state, model_keys, read_released,
-                                swap_halves)
+from any2point.convert.any2point import RUNS, compare_frozen, convert_state, model_keys, read_released, swap_halves
+from any2point.convert.point_peft import POINT_PEFT_RUNS
 from tools.convert_ckpt import RUN_NAMES
 from tools.convert_ckpt import main as convert_main
 from tests.conftest import TINY_SOURCES as BASE_SOURCES

@@ -1,9 +1,9 @@
 """Convert a released Any2Point or Point-PEFT checkpoint into one of ours:
 ``python tools/convert_ckpt.py --official FILE.pth --run RUN --out OUT.pth``.
 
-``RUN`` names one of the six released Any2Point runs (``any2point.convert.official.RUNS``), whose preset
+``RUN`` names one of the six released Any2Point runs (``any2point.convert.any2point.RUNS``), whose preset
 ``cfgs/official/RUN.yaml`` rebuilds the official model exactly, or Point-PEFT's released Point-MAE
-run ``point_peft_scanobjectnn_point_mae`` (``ckpt-best.pth``; ``any2point.convert.official.POINT_PEFT_RUNS``,
+run ``point_peft_scanobjectnn_point_mae`` (``ckpt-best.pth``; ``any2point.convert.point_peft.POINT_PEFT_RUNS``,
 preset ``cfgs/point_peft/scanobjectnn_point_mae.yaml``). The preset is stored in ``OUT.pth``, so
 ``python main.py --test --ckpt OUT.pth`` evaluates it with the official test protocol. Every
 released tensor is mapped or dropped for a stated reason (printed); an unknown key, a missing one or
@@ -45,8 +45,8 @@ def convert(official: str, run_name: str, out: str, source_file: Optional[str] =
 
     from any2point import build_model, load_config
     from any2point.engine.checkpoint import save_atomic
-    from any2point.convert.official import (POINT_PEFT_RUNS, RUNS, compare_frozen, convert_state, model_keys,
-                                    point_peft_mapper, read_released)
+    from any2point.convert.any2point import RUNS, compare_frozen, convert_state, model_keys, read_released
+    from any2point.convert.point_peft import POINT_PEFT_RUNS, point_peft_mapper
     from any2point.registry import SOURCES, build_from_cfg
 
     point_peft = run_name in POINT_PEFT_RUNS
