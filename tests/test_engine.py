@@ -111,7 +111,7 @@ def test_experiment_seed_selects_the_augmentation_streams(tmp_path: Path) -> Non
         assert train_set.run_seed == seed and train_set.transform.transforms  # the tiny config augments
         streams[name] = torch.stack([train_set[i]["points"] for i in range(4)])
     assert torch.equal(streams["a"], streams["b"]) and not torch.equal(streams["a"], streams["c"])
-    with pytest.raises(ConfigError, match="experiment.seed must be >= 0"):
+    with pytest.raises(ConfigError, match=r"experiment.seed must be in \[0, 4294967295\], got -1"):
         load_config(tiny_config(tmp_path, "negative", experiment={"seed": -1}))
 
 
