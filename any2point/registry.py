@@ -111,16 +111,28 @@ NumPoints = Annotated[int, Range(ge=1, le=MAX_POINTS)]
 NumItems = Annotated[int, Range(ge=0, le=MAX_ITEMS)]
 
 
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a ``Union`` / ``Optional`` annotation; any other annotation alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
 def value_problem(value: Any, annotation: Any) -> Optional[str]:
     """What is wrong with a number of the right type: a ``float`` that is not finite, or a value
-    outside a :class:`Range` of its annotation (also inside ``Optional[...]``); ``None`` if nothing."""
+    outside a :class:`Range` of its annotation (also inside ``Optional[...]``, and each element of a
+    ``Sequence[...]``); ``None`` if nothing."""
+    if isinstance(value, (list, tuple)):
+        element = next((typing.get_args(a)[0] for a in _members(annotation)
+                        if typing.get_origin(a) in (list, tuple, collections.abc.Sequence) and typing.get_args(a)),
+                       Any)
+        problems = ((i, value_problem(v, element)) for i, v in enumerate(value))
+        return next((f"[{i}] {p}" for i, p in problems if p), None)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    for member in members:
+    for member in _members(annotation):
         if typing.get_origin(member) is Annotated:
             for bound in member.__metadata__:
                 if isinstance(bound, Range) and (problem := bound.problem(value)):
@@ -195,7 +207,8 @@ def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], what: st
         problem = value_problem(_to_plain(value), annotation)
         if problem:
             name = f"{path}.{key}" if path else f"key '{key}' of {what}"
-            raise ConfigError(f"{name} {problem}{_where(cfg, key)}")
+            space = "" if problem.startswith("[") else " "  # "betas[1] must be ..."
+            raise ConfigError(f"{name}{space}{problem}{_where(cfg, key)}")
     for name, p in params.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name == "self" or name in injected:
             continue

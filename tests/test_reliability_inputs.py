@@ -243,6 +243,8 @@ def test_yaml_within_limits_keeps_its_aliases_and_other_abuse_is_one_error(tmp_p
     ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
     ("optimizer.lr=0", "optimizer.lr must be > 0, got 0"),
     ("optimizer.weight_decay=-0.01", "optimizer.weight_decay must be at least 0, got -0.01"),
+    ("+optimizer.betas=[0.9,.nan]", "optimizer.betas[1] must be a finite number, got nan"),
+    ("+optimizer.betas=[1.0,0.999]", "optimizer.betas[0] must be in [0, 1), got 1.0"),
     ("+scheduler.min_lr=.nan", "scheduler.min_lr must be a finite number"),
     ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
     ("train.grad_clip=-.inf", "train.grad_clip must be a finite number"),

@@ -7,13 +7,13 @@ The schedule is stepped once per iteration.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from any2point.registry import (OPTIMIZERS, SCHEDULERS, ConfigError, Fraction, NonNegativeFloat, NonNegativeInt,
-                                PositiveFloat, build_from_cfg)
+                                PositiveFloat, Range, build_from_cfg)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -33,7 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 @OPTIMIZERS.register(name="AdamW")
 def adamw(model: nn.Module, lr: PositiveFloat = 5e-4, weight_decay: NonNegativeFloat = 0.05,
-          betas: Sequence[float] = (0.9, 0.999), eps: PositiveFloat = 1e-8) -> torch.optim.Optimizer:
+          betas: Sequence[Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.999),
+          eps: PositiveFloat = 1e-8) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, without weight decay on 1-D parameters and biases."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
 
