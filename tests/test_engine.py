@@ -212,7 +212,7 @@ def test_checkpoint_keeps_only_trainable_and_reports_mismatch(tmp_path: Path) ->
     state = checkpoint.trainable_state_dict(model)
     assert not any(k.startswith("0.") for k in state)
     assert "1.running_mean" in state and "2.weight" in state
-    checkpoint.save_atomic({"model": state}, tmp_path / "c.pth")
+    checkpoint.save_atomic({"model": state, "config": {}}, tmp_path / "c.pth")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]          # no temporary file left behind
     other = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     other[0].requires_grad_(False)
