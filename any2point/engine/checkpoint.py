@@ -130,4 +130,9 @@ def load(path: str | Path) -> dict[str, Any]:
     obj = load_torch_file(path, "checkpoint")
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not an any2point checkpoint (no 'model' entry)")
+    if not isinstance(obj["model"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["model"].values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a mapping of names to tensors")
+    if not isinstance(obj.get("config"), dict):
+        raise CheckpointError(f"{path} is not an any2point checkpoint (no 'config' entry: the config it was "
+                              f"trained with)")
     return obj
