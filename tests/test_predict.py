@@ -25,7 +25,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_predicts_sphere_and_torus(tiny_run: Path, shapes: Path) -> None:
-    records = run(str(tiny_run / "ckpt-best.pth"), [str(shapes)], top_k=3)
+    records, _ = run(str(tiny_run / "ckpt-best.pth"), [str(shapes)], top_k=3)
     best = {Path(r["file"]).name: r["predictions"][0]["class"] for r in records}
     assert best == {"ball.stl": "sphere", "ball.xyz": "sphere", "ring.obj": "torus", "ring_cloud.npy": "torus"}
     for r in records:

@@ -36,9 +36,10 @@ from any2point.datasets import build_dataset, build_transforms
 from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES, normalize_unit_sphere, read_shape_file
 from any2point.datasets.transforms import FPSResample
 from any2point.engine.loading import load_model
+from any2point.engine.tasks import Task
 from any2point.engine.runtime import pick_device
 from any2point.errors import ConfigError, DataError, UserError, run_cli
-from any2point.registry import MAX_POINTS, MAX_SEED
+from any2point.registry import MAX_POINTS, MAX_SEED, TASKS
 
 SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 DEFAULT_POINTS = 2048
@@ -64,26 +65,6 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     return files
 
 
-def output_paths(files: Sequence[tuple[Path, Path]], out_dir: Path) -> list[Path]:
-    """``<out_dir>/<name without suffix>.parts.txt`` for each file; two files that would write the
-    same output are an error naming both (nothing is overwritten silently)."""
-    targets: dict[Path, Path] = {}
-    for path, name in files:
-        target = out_dir / name.with_suffix(".parts.txt")
-        if target in targets:
-            raise UserError(f"{targets[target]} and {path} would both write {target}; give them different names "
-                            f"or folders, or run them separately with other --out folders")
-        targets[target] = path
-    return list(targets)
-
-
-def class_names(cfg: DictConfig, ckpt: dict[str, Any]) -> list[str]:
-    """The checkpoint's class names (older checkpoints: those of the config's test split)."""
-    if ckpt.get("class_names"):
-        return list(ckpt["class_names"])
-    return list(build_dataset(cfg.dataset, "test").class_names)
-
-
 class Preparer:
     """Turns a file into the model's input ``(N, 3)``, as the checkpoint's test data was prepared."""
 
@@ -105,73 +86,31 @@ class Preparer:
         return torch.from_numpy(np.ascontiguousarray(points[:, :3], dtype=np.float32))
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, points: torch.Tensor, names: list[str], top_k: int) -> list[dict[str, Any]]:
-    """The ``top_k`` classes of one cloud ``(N, 3)`` with their softmax probabilities."""
-    device = next(model.parameters()).device
-    probs = model(points[None].to(device)).float().softmax(-1)[0].cpu()
-    values, labels = probs.topk(min(top_k, len(names)))
-    return [{"class": names[i], "label": int(i), "probability": round(float(p), 6)}
-            for p, i in zip(values.tolist(), labels.tolist())]
-
-
-@torch.no_grad()
-def predict_parts(model: torch.nn.Module, points: torch.Tensor, label: int, parts: list[int]) -> torch.Tensor:
-    """The part ``(N,)`` of each point of one cloud ``(N, 3)`` of category ``label``: the most likely
-    of the category's ``parts``."""
-    device = next(model.parameters()).device
-    logits = model(points[None].to(device), torch.tensor([label], device=device)).float()[0].cpu()
-    allowed = torch.tensor(parts)
-    return allowed[logits[:, allowed].argmax(-1)]
-
-
-def part_info(cfg: DictConfig, ckpt: dict[str, Any]) -> tuple[list[list[int]], list[str]]:
-    """A segmentation checkpoint's categories' parts and part names (older checkpoints: those of the
-    config's test split)."""
-    if ckpt.get("category_parts") and ckpt.get("part_names"):
-        return [list(p) for p in ckpt["category_parts"]], list(ckpt["part_names"])
-    dataset = build_dataset(cfg.dataset, "test")
-    return [list(p) for p in dataset.category_parts], list(dataset.part_names)
-
-
 def run(ckpt: str, paths: Sequence[str], top_k: int = 5, num_points: Optional[int] = None, normalize: bool = True,
         seed: int = 0, device: Optional[str] = None, category: Optional[str] = None,
-        out: str = "predictions") -> list[dict[str, Any]]:
-    """One record per file: ``{"file", "predictions"}`` (classification), ``{"file", "category",
-    "parts", "output"}`` (part segmentation) or ``{"file", "error"}``."""
+        out: str = "predictions") -> tuple[list[dict[str, Any]], Task]:
+    """One record per file, as the checkpoint's task predicts (``{"file", "predictions"}`` for
+    classification, ``{"file", "category", "parts", "output"}`` for part segmentation) or
+    ``{"file", "error"}``; and the task."""
     files = collect_files(paths)
     model, cfg, state = load_model(ckpt, device=pick_device(device, "--device") if device else None)
-    names = class_names(cfg, state)
-    segmentation = state.get("task", "classification") == "part_segmentation"
-    if segmentation:
-        if category is None:
-            raise UserError(f"{ckpt} is a part-segmentation checkpoint: give the shapes' category with "
-                            f"--category (one of {', '.join(names)})")
-        if category not in names:
-            raise UserError(f"--category '{category}' is not one of the checkpoint's categories: {', '.join(names)}")
-        category_parts, part_names = part_info(cfg, state)
-        label, targets = names.index(category), output_paths(files, Path(out))
-    elif category is not None:
-        raise UserError(f"--category is for part-segmentation checkpoints; {ckpt} is a classification one")
+    name = state.get("task", "classification")
+    if name not in TASKS:
+        raise UserError(f"{ckpt} was trained for task '{name}', which this version does not know "
+                        f"(known: {', '.join(TASKS.names())})")
+    task = TASKS.get(name).from_checkpoint(state, lambda: build_dataset(cfg.dataset, "test"))
+    predict = task.predictor(files, top_k, category, Path(out))
     prepare = Preparer(cfg, num_points, normalize, seed)
     records = []
     for index, (path, _) in enumerate(files):
         points = None
         try:
             points = prepare(path, index)
-            if not segmentation:
-                records.append({"file": str(path), "predictions": predict(model, points, names, top_k)})
-                continue
-            parts = predict_parts(model, points, label, category_parts[label])
-            target = targets[index]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.savetxt(target, np.column_stack([points.numpy(), parts.numpy()]), fmt=["%.6f"] * 3 + ["%d"])
-            counts = {part_names[p]: int((parts == p).sum()) for p in category_parts[label]}
-            records.append({"file": str(path), "category": category, "parts": counts, "output": str(target)})
+            records.append({"file": str(path), **predict(model, points, index)})
         except ValueError as e:  # DataError (unreadable file) or a cloud the model cannot take
             size = "" if points is None else f"its {len(points)} prepared points: "
             records.append({"file": str(path), "error": f"{size}{e}"})
-    return records
+    return records, task
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -207,21 +146,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Classify and print; 1 if a file could not be classified."""
-    records = run(args.ckpt, args.paths, args.top_k, args.num_points, not args.no_normalize, args.seed, args.device,
-                  args.category, args.out)
+    records, task = run(args.ckpt, args.paths, args.top_k, args.num_points, not args.no_normalize, args.seed,
+                        args.device, args.category, args.out)
     failed = [r for r in records if "error" in r]
     if args.json:
         print(json.dumps({"checkpoint": args.ckpt, "results": records}, indent=2))
     else:
         for r in records:
-            if "error" in r:
-                continue
-            if "parts" in r:
-                counts = "  ".join(f"{name} {count}" for name, count in r["parts"].items())
-                print(f"{r['file']}: {r['category']}: points per part: {counts} -> {r['output']}")
-                continue
-            best = "  ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in r["predictions"])
-            print(f"{r['file']}: {best}")
+            if "error" not in r:
+                print(task.describe(r))
     for r in failed:
         message = r["error"] if r["error"].startswith(r["file"]) else f"{r['file']}: {r['error']}"
         print(f"error: {message}", file=sys.stderr)

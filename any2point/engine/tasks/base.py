@@ -1,13 +1,16 @@
 """The task contract: what the training and evaluation loops ask of a task."""
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 Batch = dict[str, Any]
+#: ``predict(model, points (N, 3), index) -> record``: what ``tools/predict.py`` does for file ``index``.
+Predict = Callable[[nn.Module, Tensor, int], dict[str, Any]]
 
 
 class Task:
@@ -65,3 +68,21 @@ class Task:
     def checkpoint_extras(self) -> dict[str, Any]:
         """What a checkpoint records of the task besides the model (read by the tools)."""
         return {"task": self.name, "class_names": list(self.class_names)}
+
+    # ----------------------------------------------------------------- what the tools do for the task
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], dataset: Callable[[], Any]) -> "Task":
+        """The task of a checkpoint, from what it recorded (:meth:`checkpoint_extras`); ``dataset()``
+        gives the config's test split for a checkpoint that recorded less (older ones)."""
+        raise NotImplementedError
+
+    def predictor(self, files: Sequence[tuple[Path, Path]], top_k: int, category: Optional[str],
+                  out: Path) -> Predict:
+        """What ``tools/predict.py`` does with each prepared cloud of ``files`` (path, name under the
+        folder given), given its flags; a flag that does not fit the task is a user error."""
+        raise NotImplementedError
+
+    @staticmethod
+    def describe(record: dict[str, Any]) -> str:
+        """One printed line for a prediction record."""
+        raise NotImplementedError

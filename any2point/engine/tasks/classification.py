@@ -1,7 +1,8 @@
 """Shape classification: one label per cloud, cross-entropy, OA / mAcc / per-class accuracy."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -9,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.engine import distributed
-from any2point.engine.tasks.base import Batch, Task
+from any2point.engine.tasks.base import Batch, Predict, Task
 from any2point.engine.metrics import Metrics, confusion_matrix
-from any2point.errors import ConfigError
+from any2point.errors import ConfigError, UserError
 from any2point.registry import TASKS
 
 
@@ -39,6 +40,32 @@ class ClassificationTask(Task):
     def from_dataset(cls, dataset: Any, label_smoothing: float = 0.0) -> "ClassificationTask":
         """The task of a classification dataset (its classes)."""
         return cls(dataset.num_classes, dataset.class_names, label_smoothing)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], dataset: Callable[[], Any]) -> "ClassificationTask":
+        names = list(state.get("class_names") or dataset().class_names)
+        return cls(len(names), names)
+
+    def predictor(self, files: Sequence[tuple[Path, Path]], top_k: int, category: Optional[str],
+                  out: Path) -> Predict:
+        """The ``top_k`` classes of a cloud with their softmax probabilities."""
+        if category is not None:
+            raise UserError("--category is for part-segmentation checkpoints; this one classifies shapes")
+
+        @torch.no_grad()
+        def predict(model: nn.Module, points: Tensor, index: int) -> dict[str, Any]:
+            device = next(model.parameters()).device
+            probs = model(points[None].to(device)).float().softmax(-1)[0].cpu()
+            values, labels = probs.topk(min(top_k, len(self.class_names)))
+            return {"predictions": [{"class": self.class_names[i], "label": int(i), "probability": round(float(p), 6)}
+                                    for p, i in zip(values.tolist(), labels.tolist())]}
+
+        return predict
+
+    @staticmethod
+    def describe(record: dict[str, Any]) -> str:
+        best = "  ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in record["predictions"])
+        return f"{record['file']}: {best}"
 
 
     def forward(self, model: nn.Module, batch: Batch, device: torch.device) -> Tensor:

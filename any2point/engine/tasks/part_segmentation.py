@@ -1,17 +1,19 @@
 """Part segmentation: a part per point of a cloud of a known category, instance / class mIoU."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.engine import distributed
-from any2point.engine.tasks.base import Batch, Task
+from any2point.engine.tasks.base import Batch, Predict, Task
 from any2point.engine.metrics import SegmentationMetrics, category_part_mask, restricted_prediction, shape_part_iou
-from any2point.errors import ConfigError
+from any2point.errors import ConfigError, UserError
 from any2point.registry import TASKS
 
 
@@ -49,6 +51,47 @@ class SegmentationTask(Task):
         task = cls(dataset.class_names, dataset.category_parts, dataset.num_parts, label_smoothing)
         task.part_names = list(dataset.part_names) or task.part_names
         return task
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], dataset: Callable[[], Any]) -> "SegmentationTask":
+        if state.get("class_names") and state.get("category_parts") and state.get("part_names"):
+            parts = [list(p) for p in state["category_parts"]]
+            task = cls(state["class_names"], parts, len(state["part_names"]))
+            task.part_names = list(state["part_names"])
+            return task
+        return cls.from_dataset(dataset())
+
+    def predictor(self, files: Sequence[tuple[Path, Path]], top_k: int, category: Optional[str],
+                  out: Path) -> Predict:
+        """Each point's part, the most likely of ``category``'s parts (the model is conditioned on
+        it), written as ``x y z part`` lines to ``<out>/<name>.parts.txt``."""
+        if category is None:
+            raise UserError(f"this is a part-segmentation checkpoint: give the shapes' category with --category "
+                            f"(one of {', '.join(self.class_names)})")
+        if category not in self.class_names:
+            raise UserError(f"--category '{category}' is not one of the checkpoint's categories: "
+                            f"{', '.join(self.class_names)}")
+        label = self.class_names.index(category)
+        parts, targets = self.category_parts[label], output_paths(files, out)
+
+        @torch.no_grad()
+        def predict(model: nn.Module, points: Tensor, index: int) -> dict[str, Any]:
+            device = next(model.parameters()).device
+            logits = model(points[None].to(device), torch.tensor([label], device=device)).float()[0].cpu()
+            allowed = torch.tensor(parts)
+            labels = allowed[logits[:, allowed].argmax(-1)]
+            target = targets[index]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.savetxt(target, np.column_stack([points.numpy(), labels.numpy()]), fmt=["%.6f"] * 3 + ["%d"])
+            counts = {self.part_names[p]: int((labels == p).sum()) for p in parts}
+            return {"category": category, "parts": counts, "output": str(target)}
+
+        return predict
+
+    @staticmethod
+    def describe(record: dict[str, Any]) -> str:
+        counts = "  ".join(f"{name} {count}" for name, count in record["parts"].items())
+        return f"{record['file']}: {record['category']}: points per part: {counts} -> {record['output']}"
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """What a checkpoint records of the task besides the model: the categories, their parts and
@@ -124,3 +167,16 @@ class SegmentationMeter:
         sums = distributed.all_reduce_sum(self.sums).cpu()
         points = distributed.all_reduce_sum(self.points).cpu()
         return SegmentationMetrics.from_sums(sums[0], sums[1], int(points[0]), int(points[1]))
+
+
+def output_paths(files: Sequence[tuple[Path, Path]], out_dir: Path) -> list[Path]:
+    """``<out_dir>/<name without suffix>.parts.txt`` for each file (path, name under the folder given);
+    two files that would write the same output are an error naming both (nothing is overwritten)."""
+    targets: dict[Path, Path] = {}
+    for path, name in files:
+        target = out_dir / name.with_suffix(".parts.txt")
+        if target in targets:
+            raise UserError(f"{targets[target]} and {path} would both write {target}; give them different names "
+                            f"or folders, or run them separately with other --out folders")
+        targets[target] = path
+    return list(targets)
