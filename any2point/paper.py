@@ -156,7 +156,7 @@ def render_markdown() -> str:
             script = f"`bash scripts/{r.dataset.split('_')[0]}_{r.source}.sh`"
             if not (ROOT / "scripts" / f"{r.dataset.split('_')[0]}_{r.source}.sh").is_file():
                 script = f"`cfgs/{r.dataset.split('_')[0]}/any2point_{r.source}.yaml`"
-            lines.append(f"| {r.table} | {r.source} | {r.dataset} | {_fmt(r.params_m)} | {r.accuracy:g} | {script} |")
+            lines.append(f"| {r.table} | {r.source} | {r.dataset} | {_fmt(r.params_m)} | {r.accuracy:.1f} | {script} |")
     tables = sorted({r.table for r in load_paper_results()} - {1, 6})
     for table in tables:
         results = table_results(table)
@@ -167,6 +167,6 @@ def render_markdown() -> str:
             rows.setdefault(r.row, {})[r.source] = r
         for row, by_source in rows.items():
             first = next(iter(by_source.values()))
-            cells = [_fmt(by_source[s].accuracy) if s in by_source else "-" for s in ABLATION_SOURCES]
+            cells = [f"{by_source[s].accuracy:.1f}" if s in by_source else "-" for s in ABLATION_SOURCES]
             lines.append(f"| `{row}` | {first.setting} | {_fmt(first.params_m)} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
