@@ -105,11 +105,12 @@ def test_row_differs_from_the_reference_in_exactly_its_changes(result) -> None:
             node = node[part]
         node[leaf] = value
     assert _plain(result.config) == expected
-    assert load_config(ROOT / result.config).experiment.name == f"paper_table{result.table}_{result.row}_{result.source}"
+    name = load_config(ROOT / result.config).experiment.name
+    assert name == f"paper_table{result.table}_{result.row}_{result.source}"
 
 
 def test_each_table_has_one_reference_row_per_source() -> None:
-    """The full config is a row of every table (the paper repeats its 91.9 / 87.7 there)."""
+    """The full config is a row of every table, with the accuracy of Table 1 (the paper repeats it there)."""
     for table in {r.table for r in ROWS}:
         for source in {r.source for r in ROWS if r.table == table}:
             unchanged = [r for r in ROWS if (r.table, r.source) == (table, source)
