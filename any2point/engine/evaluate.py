@@ -37,7 +37,7 @@ from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
 from any2point.engine.log import setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics, json_number
-from any2point.engine.seeds import run_seeds
+from any2point.engine.seeds import run_seeds, seed_globals
 from any2point.engine.tasks import Task, build_task
 from any2point.errors import CheckpointError
 from any2point.models import build_model
@@ -223,12 +223,14 @@ def write_results(record: dict[str, Any], path: str | Path) -> Path:
 def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None, device: Optional[torch.device] = None,
                ignore_source_mismatch: bool = False) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
     """The model of a checkpoint, in eval mode: built from ``cfg`` (default: the checkpoint's own
-    config), its source checked against the saved identity, its trainable state loaded strictly."""
+    config) with the run's init seed (so a frozen randomly initialised source is the one it trained
+    with), its source checked against the saved identity, its trainable state loaded strictly."""
     ckpt = checkpoint.load(ckpt_path)
     if cfg is None:
         cfg = OmegaConf.create(ckpt["config"])
         validate(cfg)
     device = device or pick_device(cfg.train.device)
+    seed_globals(run_seeds(cfg.experiment)["init"])
     model = build_model(cfg.model).to(device)
     check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
     checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))

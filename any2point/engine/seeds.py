@@ -2,7 +2,8 @@
 
 A run draws from four independent streams:
 
-* ``init``: the model's initial weights (the global generators while the model is built);
+* ``init``: the model's initial weights (the global generators while the model is built; a checkpoint's
+  model is rebuilt with it too, so a frozen randomly initialised source is the one it trained with);
 * ``order``: the order of the training items in every epoch (:class:`~any2point.engine.distributed.EpochSampler`);
 * ``augment``: the per-item augmentations (:meth:`~any2point.datasets.base.PointDataset.item_rng`) and
   the global generators of the data-loader workers;
@@ -16,10 +17,12 @@ it is, whatever ``experiment.seed``. ``results.json`` records every seed of the 
 """
 from __future__ import annotations
 
+import random
 import zlib
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 STREAMS = ("init", "order", "augment", "dropout")
 
@@ -56,6 +59,13 @@ def run_seeds(experiment: Mapping[str, Any]) -> dict[str, Any]:
         seeds[stream] = int(value)
     seeds["pinned"] = pinned
     return seeds
+
+
+def seed_globals(seed: int) -> None:
+    """Seed the global generators of Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def describe_seeds(seeds: Mapping[str, Any]) -> str:

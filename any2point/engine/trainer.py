@@ -37,7 +37,7 @@ from any2point.engine.experiment import claim
 from any2point.engine.log import ScalarWriter, setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
-from any2point.engine.seeds import derive_seed, describe_seeds, run_seeds
+from any2point.engine.seeds import derive_seed, describe_seeds, run_seeds, seed_globals
 from any2point.engine.tasks import build_task
 from any2point.errors import CheckpointError, ExperimentError
 from any2point.models import build_model
@@ -48,13 +48,6 @@ logger = logging.getLogger("any2point")
 
 LAST, BEST = "ckpt-last.pth", "ckpt-best.pth"
 POSTFIX_EVERY = 10  # steps between the progress bar's loss readings (each one waits for the device)
-
-
-def seed_globals(seed: int) -> None:
-    """Seed the global generators of Python, NumPy and torch (every device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
