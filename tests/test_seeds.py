@@ -153,3 +153,28 @@ def test_negative_pin_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFi
         load_config(path)
     assert entry.main(["--config", str(path)]) == 2
     assert capsys.readouterr().err.strip().startswith("error: experiment.dropout_seed must be >= 0")
+
+
+def test_a_checkpoints_model_is_rebuilt_with_its_init_seed(tmp_path: Path, one_thread) -> None:
+    """A frozen source at random init is not in the checkpoint: testing rebuilds the trained one."""
+    from any2point.engine.evaluate import load_model
+    from any2point.engine.trainer import LAST
+
+    bert = {"type": "HFEncoderSource", "pretrained": None, "cls_token_id": 1,
+            "architecture": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64,
+                             "vocab_size": 16}}
+    path = config(tmp_path, "a2p", seed=6)
+    data = yaml.safe_load(path.read_text())
+    data["model"] = {"type": "Any2Point", "num_classes": 3, "source": bert, "tokenizer": {"type": "PointPNTokenizer", "k": 8},
+                     "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "cell_size": 8}}
+    path.write_text(yaml.safe_dump(data))
+    trainer = Trainer(load_config(path))
+    trainer.save(LAST, trainer.state(0))
+    trainer.close()
+    torch.manual_seed(123)  # whatever the global generators hold before
+    model = load_model(tmp_path / "exp/a2p" / LAST, device=torch.device("cpu"))[0]
+    built = trainer.model.state_dict()
+    assert any(not p.requires_grad for p in trainer.model.parameters())  # a frozen source to rebuild
+    assert model.state_dict().keys() == built.keys()
+    assert all(torch.equal(value, built[key]) for key, value in model.state_dict().items())
