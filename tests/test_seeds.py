@@ -166,7 +166,8 @@ def test_a_checkpoints_model_is_rebuilt_with_its_init_seed(tmp_path: Path, one_t
                              "vocab_size": 16}}
     path = config(tmp_path, "a2p", seed=6)
     data = yaml.safe_load(path.read_text())
-    data["model"] = {"type": "Any2Point", "num_classes": 3, "source": bert, "tokenizer": {"type": "PointPNTokenizer", "k": 8},
+    data["model"] = {"type": "Any2Point", "num_classes": 3, "source": bert,
+                     "tokenizer": {"type": "PointPNTokenizer", "k": 8},
                      "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "cell_size": 8}}
     path.write_text(yaml.safe_dump(data))
     trainer = Trainer(load_config(path))
