@@ -58,12 +58,23 @@ class FieldError(ConfigError):
 
 @dataclass
 class ExperimentConfig:
-    """Where outputs go and how randomness is controlled."""
+    """Where outputs go and how randomness is controlled. ``seed`` drives every random stream of
+    the run (see :mod:`any2point.engine.seeds`); ``<stream>_seed`` pins one stream on purpose."""
 
     name: str = "default"
     output_dir: str = "experiments"
     seed: int = 0
+    init_seed: Optional[int] = None
+    order_seed: Optional[int] = None
+    augment_seed: Optional[int] = None
+    dropout_seed: Optional[int] = None
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("init_seed", "order_seed", "augment_seed", "dropout_seed"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise FieldError(key, f"must be >= 0 (or null: derived from experiment.seed), got {value}")
 
 
 @dataclass

@@ -10,8 +10,9 @@ only; model selection never votes.
 
 Each test writes a JSON record (:func:`results_record`) with the task's metrics (classification:
 OA, mAcc, per-class accuracy and the confusion matrix; part segmentation: instance and class mIoU,
-point accuracy, per-category mIoU and shape counts), protocol, voting, seed, config hash, source
-identity, time and git commit, so a number in a table can be traced to the run that produced it.
+point accuracy, per-category mIoU and shape counts), protocol, voting, every seed of the training run
+(:mod:`any2point.engine.seeds`), config hash, source identity, time and git commit, so a number in a
+table can be traced to the run that produced it.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
 from any2point.engine.log import setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics, json_number
+from any2point.engine.seeds import run_seeds, seed_globals
 from any2point.engine.tasks import Task, build_task
 from any2point.errors import CheckpointError
 from any2point.models import build_model
@@ -180,8 +182,10 @@ def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
 
 def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_names: list[str], *, split: str,
                    protocol: Optional[str], voting: dict[str, Any], checkpoint: Optional[str] = None, epoch: Optional[int] = None,
-                   source: Optional[dict[str, Any]] = None, task: str = "classification") -> dict[str, Any]:
-    """The JSON record of one test: metrics, where they came from and how they were measured."""
+                   source: Optional[dict[str, Any]] = None, task: str = "classification",
+                   seeds: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The JSON record of one test: metrics, where they came from and how they were measured.
+    ``seeds``: every seed of the training run (:func:`any2point.engine.seeds.run_seeds`)."""
     tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     return {
         "experiment": tree.get("experiment", {}).get("name"),
@@ -192,6 +196,7 @@ def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_na
         "voting": {**voting, f"pass_{metrics.score_name}": [json_number(x) for x in metrics.pass_scores]},
         "protocol": protocol,
         "seed": tree.get("experiment", {}).get("seed"),
+        "seeds": seeds,
         "config_hash": config_hash(tree),
         "group_hash": config_hash(tree, drop_experiment=True),
         "source": source,
@@ -218,12 +223,14 @@ def write_results(record: dict[str, Any], path: str | Path) -> Path:
 def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None, device: Optional[torch.device] = None,
                ignore_source_mismatch: bool = False) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
     """The model of a checkpoint, in eval mode: built from ``cfg`` (default: the checkpoint's own
-    config), its source checked against the saved identity, its trainable state loaded strictly."""
+    config) with the run's init seed (so a frozen randomly initialised source is the one it trained
+    with), its source checked against the saved identity, its trainable state loaded strictly."""
     ckpt = checkpoint.load(ckpt_path)
     if cfg is None:
         cfg = OmegaConf.create(ckpt["config"])
         validate(cfg)
     device = device or pick_device(cfg.train.device)
+    seed_globals(run_seeds(cfg.experiment)["init"])
     model = build_model(cfg.model).to(device)
     check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
     checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))
@@ -295,6 +302,6 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, v
     source = getattr(model, "source_identity", None)
     record = results_record(m, cfg, task.class_names, split="test", protocol=ckpt.get("protocol"), voting=voting,
                             checkpoint=str(ckpt_path), epoch=epoch, source=source() if source else None,
-                            task=task.name)
+                            task=task.name, seeds={**run_seeds(cfg.experiment), "dataset": base.seed})
     logger.info("results: %s", write_results(record, Path(ckpt_path).parent / results))
     return m
