@@ -98,12 +98,23 @@ class ExperimentConfig:
     """Where outputs go and how randomness is controlled. ``name`` (the run's folder under
     ``output_dir``) defaults to the config file's path under ``cfgs/``, folders joined by ``_``
     (``cfgs/paper/table2/lora_dinov2.yaml`` -> ``paper_table2_lora_dinov2``; a file elsewhere: its
-    stem), unless a config file or an override sets it."""
+    stem), unless a config file or an override sets it. ``seed`` drives every random stream of the
+    run (see :mod:`any2point.engine.seeds`); ``<stream>_seed`` pins one stream on purpose."""
 
     name: str = "default"
     output_dir: str = "experiments"
     seed: Seed = 0
+    init_seed: Optional[int] = None
+    order_seed: Optional[int] = None
+    augment_seed: Optional[int] = None
+    dropout_seed: Optional[int] = None
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("init_seed", "order_seed", "augment_seed", "dropout_seed"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise FieldError(key, f"must be >= 0 (or null: derived from experiment.seed), got {value}")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # An ablation table of the paper: every config in cfgs/paper/table<N>/, over SEEDS, then its table
-# (one row per config, named table<N>_<config name>).
+# (one row per config, named table<N>_<config name>), beside the paper's numbers.
 # SEEDS="0 1 2" GPUS=1 EXTRA="key=value ..." VOTE=1 OUT=experiments bash scripts/ablation.sh N [--dry-run]
 source "$(dirname "$0")/lib.sh"
 TABLE="${1:-}"
@@ -21,4 +21,4 @@ for config in "${configs[@]}"; do
   stem="$(basename "$config" .yaml)"
   seeds_of "cfgs/paper/table$TABLE/$stem.yaml" "table${TABLE}_$stem"
 done
-collect "table$TABLE"
+collect "table$TABLE" --paper

@@ -206,6 +206,24 @@ def test_bottleneck_position(position):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("position", ["after", "parallel", "before"])
+def test_without_local_aggregation_the_adapter_is_the_bottleneck_alone(position):
+    """The paper's Table 5 row 1: no cells, attentions or batch norms; only the bottleneck."""
+    adapter = GuidedAdapter(dim=16, depth=2, num_views=3, bottleneck=4, scale=0.5, position=position,
+                            local_aggregation=False, ensemble=False).train()
+    assert adapter.local_attention is None and adapter.blocks[0].view_norm is None
+    assert sum(p.numel() for p in adapter.parameters()) == 2 * (16 * 4 + 4 + 4 * 16 + 16)
+    x, f = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    block = adapter.blocks[1]
+    block.drop.p = 0.0
+    expected = {"after": x + f + 0.5 * block.up(block.act(block.down(f))),
+                "parallel": x + f + 0.5 * block.up(block.act(block.down(x))),
+                "before": x + 0.5 * block.up(block.act(block.down(x))) + f}[position]
+    torch.testing.assert_close(adapter.hook(1, None)(x, f), expected)
+    with pytest.raises(ConfigError, match="set ensemble: false too"):
+        GuidedAdapter(dim=16, depth=2, num_views=3, local_aggregation=False)
+
+
 def test_parameter_counts_and_insert_depth():
     adapter = GuidedAdapter(dim=768, depth=12, num_views=6, bottleneck=16)
     assert sum(p.numel() for p in adapter.local_attention.parameters()) == 235_224

@@ -104,3 +104,42 @@ def test_part_segmentation_runs_tabulate_their_mious(tmp_path: Path, capsys: pyt
     write_runs(tmp_path / "cls")
     assert collect([str(tmp_path)]) == 2
     assert "mix tasks (classification, part_segmentation)" in capsys.readouterr().err
+
+
+def test_paper_puts_ours_beside_the_papers_number_per_row_and_source(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    from any2point.paper import paper_result, table_results
+    runs = {"table7_before_3_clip_text_seed0": 80.0, "table7_before_3_clip_text_seed1": 84.0,
+            "table7_after_6_dinov2_seed0": 70.0, "scanobjectnn_clip_text_seed0": 90.0, "my_own_seed0": 50.0}
+    for name, oa in runs.items():
+        record = results_record(Metrics(oa=oa, macc=oa, per_class=[oa], count=100),
+                                {"experiment": {"name": name, "seed": int(name[-1])}}, ["a"], split="test",
+                                protocol="honest", voting={"passes": 1, "seed": 0})
+        write_results(record, tmp_path / name / "results.json")
+    assert collect([str(tmp_path), "--paper", "--markdown", str(tmp_path / "t.md")]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "the paper has no number for: my_own" in captured.err
+    before = paper_result(7, "before_3", "clip_text").accuracy
+    ours = f"{statistics.fmean([80, 84]):.2f} ± {statistics.stdev([80, 84]):.2f}"
+    assert f"| 7 | before_3 | clip_text | {ours} | 2 | {before:.1f} | {82 - before:+.2f} |" in out
+    after = paper_result(7, "after_6", "dinov2").accuracy
+    assert f"| 7 | after_6 | dinov2 | 70.00 | 1 | {after:.1f} | {70 - after:+.2f} |" in out
+    table1 = paper_result(1, "any2point_clip_text", "clip_text").accuracy
+    assert f"| 1 | any2point_clip_text | clip_text | 90.00 | 1 | {table1:.1f} | {90 - table1:+.2f} |" in out
+    # every row and source of Table 7 the paper reports, those not run with n = 0; Table 1's run rows only
+    assert sum(line.startswith("| 7 |") for line in out.splitlines()) == len(table_results(7))
+    not_run = paper_result(7, "parallel_9", "clip_text").accuracy
+    assert f"| 7 | parallel_9 | clip_text | - | 0 | {not_run:.1f} | - |" in out
+    assert sum(line.startswith("| 1 |") for line in out.splitlines()) == 1
+    assert f"| table7_before_3_clip_text | 2 | 0 1 | {ours} |" in out
+    assert f"| {before:.2f} | {82 - before:+.2f} |" in out
+    assert (tmp_path / "t.md").read_text() == out
+
+
+def test_paper_tables_print_the_readme_rendering(capsys: pytest.CaptureFixture) -> None:
+    from any2point.paper import render_markdown
+    assert collect(["--paper-tables"]) == 0
+    assert capsys.readouterr().out == render_markdown()
+    assert collect([]) == 2
+    assert "give the experiment folders" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from any2point.engine import checkpoint
 from any2point.engine.distributed import EpochSampler
 from any2point.engine.metrics import Metrics, confusion_matrix
 from any2point.engine.optim import build_optimizer, build_scheduler
+from any2point.engine.seeds import stream_seed
 from any2point.engine.evaluate import evaluate_checkpoint
 from any2point.engine import trainer as trainer_module
 from any2point.engine.trainer import BEST, LAST, Trainer
@@ -106,8 +107,9 @@ def test_experiment_seed_selects_the_augmentation_streams(tmp_path: Path) -> Non
     streams = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         trainer = Trainer(load_config(tiny_config(tmp_path, name, experiment={"seed": seed})))
+        trainer.close()
         train_set = trainer.train_set
-        assert train_set.run_seed == seed and train_set.transform.transforms  # the tiny config augments
+        assert train_set.augment_seed == stream_seed(seed, "augment") and train_set.transform.transforms
         streams[name] = torch.stack([train_set[i]["points"] for i in range(4)])
     assert torch.equal(streams["a"], streams["b"]) and not torch.equal(streams["a"], streams["c"])
     with pytest.raises(ConfigError, match=r"experiment.seed must be in \[0, 4294967295\], got -1"):

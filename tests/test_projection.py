@@ -237,7 +237,7 @@ def test_projection_rejects_bad_settings(clip_tiny, dinov2_tiny):
     with pytest.raises(ConfigError, match="line_direction"):
         VirtualProjection(clip_tiny, line_direction=[1.0, 0.0, 0.0])
     with pytest.raises(ConfigError, match="num_views"):
-        VirtualProjection(dinov2_tiny, num_views=7)
+        VirtualProjection(dinov2_tiny, num_views=9)
     with pytest.raises(ConfigError, match="line_length"):
         VirtualProjection(clip_tiny, line_length=77)
     with pytest.raises(ConfigError, match="plane_size"):
@@ -246,3 +246,14 @@ def test_projection_rejects_bad_settings(clip_tiny, dinov2_tiny):
         VirtualProjection(clip_tiny, pe="rotary")
     with pytest.raises(ValueError, match=r"\(B, G, 3\)"):
         VirtualProjection(clip_tiny)(torch.randn(8, 3), clip_tiny.pos_embed_1d)
+
+
+def test_pointclip_v1_views_seven_and_eight_bisect_the_side_views():
+    """Table 8's 8-view row: the camera axis of views 7 and 8 (``R^T e_z``, where the camera looks
+    from) lies half-way between those of views 1 and 2, and of views 3 and 4."""
+    rotations = pointclip_view_rotations(8)
+    axes = rotations.transpose(1, 2)[:, :, 2]
+    for extra, (a, b) in ((6, (0, 1)), (7, (2, 3))):
+        bisector = axes[a] + axes[b]
+        torch.testing.assert_close(axes[extra], bisector / bisector.norm())
+    torch.testing.assert_close(rotations[:6], pointclip_view_rotations(6))  # the first six are PointCLIP's

@@ -13,19 +13,12 @@ import yaml
 
 from any2point import build_model, load_config
 from any2point.engine.trainer import Trainer
+from tests import tiny
 from tools.visualize import FIGURES, cls_attention, cls_similarity, kmeans_1d, main, pe_similarity
 
-BERT = {"type": "HFEncoderSource", "pretrained": None, "cls_token_id": 1,
-        "architecture": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                         "intermediate_size": 64, "max_position_embeddings": 64, "vocab_size": 16}}
-SOURCES = {
-    "bert": BERT,
-    "clip_text": {"type": "CLIPTextSource", "width": 32, "depth": 2, "heads": 4},
-    "dinov2": {"type": "TimmViTSource", "model_name": "vit_base_patch14_dinov2", "img_size": 56, "embed_dim": 32,
-               "depth": 2, "num_heads": 4},
-    "imagebind_audio": {"type": "ImageBindAudioSource", "embed_dim": 32, "depth": 2, "num_heads": 4,
-                        "num_mel_bins": 36, "target_len": 56},
-}
+BERT = tiny.source("hf_bert", width=32)
+BERT = {**BERT, "architecture": {**BERT["architecture"], "max_position_embeddings": 64}}
+SOURCES = {"bert": BERT, **{name: tiny.source(name, width=32) for name in tiny.PAPER_SOURCES}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,3 +157,92 @@ def test_pe_similarity_per_view(source: str) -> None:
     unit = normalize_to_unit_sphere(points[None])[0]
     assert torch.allclose(unit, normalize_to_unit_sphere(points[None])[0])
     torch.testing.assert_close(mean, F.cosine_similarity(pe, pe[7:8], dim=-1), rtol=1e-4, atol=1e-5)
+
+
+def fig6_config(root: Path, name: str, **tuner) -> Path:
+    """A tiny Any2Point config on a random-init BERT; ``tuner`` overrides stand in for the ablations."""
+    cfg = {"model": {"type": "Any2Point", "num_classes": 3, "source": BERT,
+                     "tokenizer": {"type": "PointPNTokenizer", "k": 8},
+                     "tuner": {"type": "GuidedAdapter", "bottleneck": 4, "cell_size": 8, **tuner}},
+           "dataset": {"type": "SyntheticShapes", "num_points": 128, "classes": ["sphere", "box", "torus"]},
+           "experiment": {"name": name, "seed": 3}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def direct_panel(model: torch.nn.Module, points: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per point: the similarity of its nearest token's final feature to [CLS], read at the source's
+    final norm, and that token's 3-means cluster (checked to be a Lloyd fixpoint, ordered by centre)."""
+    normed = []
+    handle = model.source.norm.register_forward_hook(lambda m, args, out: normed.append(out))
+    with torch.no_grad():
+        centres = model.encode(points[None]).centres[0]
+    handle.remove()
+    features = normed[0][0].double()
+    tokens = features[-len(centres):]
+    similarity = (tokens @ features[0] / tokens.norm(dim=-1) / features[0].norm()).numpy()
+    clusters = kmeans_1d(similarity, 3)
+    means = np.array([similarity[clusters == j].mean() for j in range(3)])
+    assert (np.diff(means) > 0).all()
+    assert (np.abs(similarity[:, None] - means[None]).argmin(1) == clusters).all()
+    nearest = torch.cdist(points.double(), centres.double()).argmin(1).numpy()
+    return similarity[nearest], clusters[nearest]
+
+
+def test_fig6_comparison_draws_each_models_clusters(any2point_run: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import tools.visualize as visualize
+    from any2point.config import load_config
+    from any2point.datasets import build_dataset
+    from any2point.engine import checkpoint
+    from any2point.engine.seeds import run_seeds
+
+    drawn = []
+    save = visualize._save
+
+    def capture(fig, path):
+        drawn.append({ax.get_title(): np.asarray(ax.collections[0].get_array()) for ax in fig.axes if ax.name == "3d"})
+        return save(fig, path)
+
+    monkeypatch.setattr(visualize, "_save", capture)
+    ckpt = any2point_run / "ckpt-best.pth"
+    entries = {"Complete": ckpt,  # a trained checkpoint and two configs' models at their start
+               "Max-mean pool.": fig6_config(tmp_path, "maxmean", pool="maxmean", ensemble=False),
+               "3D-guided L.A.": fig6_config(tmp_path, "local3d", guidance="3d", cell_size=0.5)}
+    out = tmp_path / "fig6"
+    assert main(["--compare", *(f"{label}={path}" for label, path in entries.items()), "--out", str(out)]) == 0
+    assert_not_blank(out / "clusters_compare.png")
+    (panels,) = drawn
+    assert len(panels) == 6
+
+    cfg = load_config(any2point_run / "config.yaml")
+    points = build_dataset(cfg.dataset, "test")[0]["points"]
+    expected = []
+    for label, path in entries.items():
+        config = cfg if path == ckpt else load_config(path)
+        torch.manual_seed(run_seeds(config.experiment)["init"])  # a config's model, as its training starts
+        model = build_model(config.model)
+        if path == ckpt:
+            model.load_state_dict(checkpoint.load(ckpt)["model"], strict=False)
+        expected.append(direct_panel(model.eval(), points))
+    for label, (similarity, clusters) in zip(entries, expected):
+        np.testing.assert_array_equal(panels[f"{label}: 3 clusters"], clusters)
+        np.testing.assert_allclose(panels[f"{label}: cos([CLS], token)"], similarity, rtol=1e-5, atol=1e-6)
+    for i, j in ((0, 1), (0, 2), (1, 2)):  # three different models: a swapped panel would show
+        assert not np.allclose(expected[i][0], expected[j][0], atol=1e-3)
+
+
+def test_fig6_comparison_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = fig6_config(tmp_path, "a")
+    with pytest.raises(SystemExit):
+        main(["--compare", f"A={cfg}", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--compare", f"A={cfg}", f"B={cfg}"])  # no --out
+    assert main(["--compare", f"A={cfg}", f"B={tmp_path / 'missing.pth'}", "--out", str(tmp_path)]) == 2
+    assert "--compare B: no such checkpoint or config" in capsys.readouterr().err
+    pointnet = tmp_path / "pointnet.yaml"
+    pointnet.write_text(yaml.safe_dump({"model": {"type": "PointNet", "num_classes": 3},
+                                        "dataset": {"type": "SyntheticShapes", "classes": ["sphere", "box", "torus"]}}))
+    assert main(["--compare", f"A={cfg}", f"B={pointnet}", "--out", str(tmp_path)]) == 2
+    assert "need an Any2Point model" in capsys.readouterr().err

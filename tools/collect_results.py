@@ -1,7 +1,8 @@
 """Turn many runs' results into one table: mean +- std over seeds, and the number of runs.
 
     python tools/collect_results.py experiments/scanobjectnn_* [--group-by model.source.type]
-        [--ref scanobjectnn_clip_text=91.9 ...] [--csv table.csv] [--markdown table.md]
+        [--paper] [--ref GROUP=OA ...] [--csv table.csv] [--markdown table.md]
+    python tools/collect_results.py --paper-tables
 
 Each EXPERIMENT is an experiment folder holding a results file (``results.json``, or ``--file``),
 a results file itself, or a folder searched recursively for results files. Runs are grouped by
@@ -10,9 +11,13 @@ their experiment name without a trailing ``_seed<N>`` (``-seed<N>``, ``.seed<N>`
 or ``protocol``, or a dotted config key such as ``model.source.type``). The table gives, per group,
 the runs, their seeds, OA and mAcc (part segmentation: instance and class mIoU) as mean +- sample
 standard deviation, the voting passes, and the number of distinct configurations pooled (ignoring
-the experiment section); ``--ref GROUP=VALUE`` adds a reference for the first metric (e.g. the
-paper's OA) and the difference to it. Prints markdown; writes CSV and
-markdown files on request.
+the experiment section); ``--ref GROUP=VALUE`` adds a reference for the first metric and the
+difference to it. ``--paper`` takes each group's reference from the paper's numbers
+(``cfgs/paper/paper_results.csv``, matched by the group's name: ``table<N>_<row>_<source>`` or
+``<dataset>_<source>``, see :func:`any2point.paper.match_group`) and adds, per table touched, every row
+and source the paper reports beside ours (mean ± std and n; "-" and 0 for a row not run) and the
+difference. Prints markdown; writes CSV and markdown files on request. ``--paper-tables`` prints the
+paper's numbers with the commands that run them (the README's tables) and nothing else.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from any2point.errors import UserError, run_cli
+from any2point.paper import PaperResult, match_group, render_markdown, table_results
 
 SEED_SUFFIX = re.compile(r"[-_.]seed\d+$")
 MISSING = object()
@@ -179,14 +185,41 @@ def parse_references(items: Sequence[str]) -> dict[str, float]:
     return refs
 
 
+def paper_side_by_side(rows: list[dict[str, Any]], metric: str) -> str:
+    """Ours beside the paper's number, per row and source of every paper table a group belongs to
+    (Tables 1 and 6: only the rows run)."""
+    ours: dict[PaperResult, dict[str, Any]] = {}
+    for r in rows:
+        match = match_group(r["group"])
+        if match is not None:
+            ours[match] = r
+    lines = [f"| table | row | source | ours {metric} | n | paper {metric} | Δ |", "|---|---|---|---|---:|---:|---:|"]
+    for table in sorted({p.table for p in ours}):
+        for p in table_results(table):
+            if table in (1, 6) and p not in ours:
+                continue
+            run = ours.get(p)
+            row = p.row if p.dataset.startswith("scanobjectnn") else f"{p.row} ({p.dataset})"
+            mean = run[f"{metric}_mean"] if run else math.nan
+            cells = [str(table), row, p.source, fmt(mean, run[f"{metric}_std"]) if run else "-",
+                     str(run["runs"]) if run else "0", f"{p.accuracy:.1f}",
+                     "-" if math.isnan(mean) else f"{mean - p.accuracy:+.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiments", nargs="+", help="experiment folders, results files, or folders above them")
+    parser.add_argument("experiments", nargs="*", help="experiment folders, results files, or folders above them")
     parser.add_argument("--group-by", default="", help="comma-separated record or config keys (default: the "
                                                        "experiment name without its _seed<N> suffix)")
     parser.add_argument("--file", default="results.json", help="results file name in each experiment folder")
     parser.add_argument("--ref", action="append", default=[], metavar="GROUP=VALUE",
                         help="a reference value of a group's first metric (OA, or instance mIoU)")
+    parser.add_argument("--paper", action="store_true", help="references from the paper's numbers, and ours "
+                                                             "beside them per row and source")
+    parser.add_argument("--paper-tables", action="store_true", help="print the paper's tables with the commands "
+                                                                    "that run them, and exit")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
@@ -196,15 +229,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def collect(args: argparse.Namespace) -> None:
     """Read, group, print and write the table."""
+    if args.paper_tables:
+        print(render_markdown(), end="")
+        return
+    if not args.experiments:
+        raise UserError("give the experiment folders or results files to tabulate (or --paper-tables)")
     refs = parse_references(args.ref)
     records = [load_record(p) for p in find_results(args.experiments, args.file)]
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()]
     metrics = task_metrics(records)
     rows = summarize(records, keys, refs, metrics)
+    if args.paper:
+        if metrics[0] != "OA":
+            raise UserError("--paper compares overall accuracy; these runs are not classification runs")
+        unmatched = []
+        for row in rows:
+            match = match_group(row["group"])
+            if match is None:
+                unmatched.append(row["group"])
+            elif row["reference"] is None:
+                row["reference"], row["delta"] = match.accuracy, row["OA_mean"] - match.accuracy
+        if unmatched:
+            print(f"warning: the paper has no number for: {', '.join(unmatched)}", file=sys.stderr)
     unknown = sorted(set(refs) - {r["group"] for r in rows})
     if unknown:
         print(f"warning: --ref names groups with no runs: {', '.join(unknown)}", file=sys.stderr)
-    table = markdown(rows, bool(refs), metrics)
+    table = markdown(rows, bool(refs) or args.paper, metrics)
+    if args.paper:
+        table += "\n" + paper_side_by_side(rows, metrics[0])
     print(table, end="")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

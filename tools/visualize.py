@@ -3,6 +3,8 @@
     python tools/visualize.py --ckpt experiments/demo/ckpt-best.pth [--figures all] [--out DIR]
         [--sample 0 | --file cloud.ply] [--layer -1] [--point 0]
     python tools/visualize.py --exp experiments/demo --figures curves
+    python tools/visualize.py --compare "Complete=A/ckpt-best.pth" "Max-mean pool.=B/ckpt-best.pth" \
+        "3D-guided L.A.=C.yaml" --out DIR                     # paper Fig. 6, models side by side
 
 Figures (``--figures``, comma-separated, default ``all``):
 
@@ -19,6 +21,13 @@ Figures (``--figures``, comma-separated, default ``all``):
 - ``pe`` (paper Fig. 7): the cosine similarity of one point's (``--point``) virtual-projection
   positional embedding to every other point's, per view (line or 2D view) and averaged over views.
 
+``--compare LABEL=PATH ...`` draws paper Fig. 6 as the paper does, for two or more models side by
+side (``clusters_compare.png``): per model its ``clusters`` (top row) and the similarity they cluster
+(bottom row), on the same cloud. Each ``PATH`` is a checkpoint (the trained model) or a YAML config (the
+model as its training would start, built with the config's init seed), so the comparison does not
+depend on which config switches made the variants (the paper's: the complete adapter, max-mean
+pooling instead of the adaptive ensemble, local aggregation guided by 3D positions only).
+
 The attention is read through forward hooks on the source block's attention module, the features
 through the model's ``encode`` and the PE through the projection's public geometry, so no model
 code changes to draw them. One cloud is
@@ -32,6 +41,7 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import matplotlib
@@ -48,6 +58,8 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 from any2point.errors import UserError, run_cli  # noqa: E402
 
 FIGURES = ("confusion", "per_class", "curves", "attention", "clusters", "pe", "parts")
+COMPARE_FILE = "clusters_compare.png"
+CONFIG_SUFFIXES = (".yaml", ".yml")  # a --compare entry with one of these is a config, else a checkpoint
 MODEL_FIGURES = ("attention", "clusters", "pe")
 #: Figures of one task only; ``all`` leaves out the other task's.
 TASK_FIGURES = {"classification": ("confusion",), "part_segmentation": ("parts",)}
@@ -210,9 +222,11 @@ def nearest_token(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ plots
 def _cloud_axes(fig: plt.Figure, rows: int, cols: int, index: int, points: np.ndarray, values: np.ndarray,
-                title: str, cmap: str, marker: Optional[int] = None) -> None:
+                title: str, cmap: str, marker: Optional[int] = None, vmin: Optional[float] = None,
+                vmax: Optional[float] = None) -> None:
     ax = fig.add_subplot(rows, cols, index, projection="3d")
-    art = ax.scatter(points[:, 0], points[:, 2], points[:, 1], c=values, cmap=cmap, s=6, depthshade=False)
+    art = ax.scatter(points[:, 0], points[:, 2], points[:, 1], c=values, cmap=cmap, s=6, depthshade=False,
+                     vmin=vmin, vmax=vmax)
     if marker is not None:
         p = points[marker]
         ax.scatter([p[0]], [p[2]], [p[1]], c="black", marker="*", s=120)
@@ -344,6 +358,36 @@ def plot_clusters(points: np.ndarray, centres: np.ndarray, similarity: np.ndarra
     return _save(fig, path)
 
 
+@dataclass
+class ClusterPanel:
+    """What one model's column of the Fig. 6 comparison shows, per point of the cloud ``(N,)``."""
+
+    label: str
+    similarity: np.ndarray  # cosine similarity of the point's token's final feature to [CLS]
+    clusters: np.ndarray  # that token's k-means cluster of the similarities (0 = least similar)
+
+
+def cluster_panel(label: str, model: nn.Module, cloud: Tensor, k: int = 3) -> ClusterPanel:
+    """The ``clusters`` figure's values of ``model`` on ``cloud`` ``(N, 3)``, per point."""
+    centres, similarity = cls_similarity(model, cloud)
+    token = nearest_token(cloud.numpy(), centres.numpy())
+    similarity = similarity.numpy()
+    return ClusterPanel(label, similarity[token], kmeans_1d(similarity, k)[token])
+
+
+def plot_cluster_comparison(points: np.ndarray, panels: Sequence[ClusterPanel], path: Path, k: int = 3) -> Path:
+    """Paper Fig. 6: each model's clusters (top row, colours shared) over the similarity they cluster."""
+    cols = len(panels)
+    fig = plt.figure(figsize=(4.2 * cols, 7.6))
+    for col, panel in enumerate(panels):
+        _cloud_axes(fig, 2, cols, col + 1, points, panel.clusters, f"{panel.label}: {k} clusters", "brg",
+                    vmin=0, vmax=k - 1)
+        _cloud_axes(fig, 2, cols, cols + col + 1, points, panel.similarity, f"{panel.label}: cos([CLS], token)",
+                    "viridis")
+    fig.suptitle(f"[CLS]-to-point-token similarity, {k} k-means clusters (0 = least similar)")
+    return _save(fig, path)
+
+
 def plot_pe(points: np.ndarray, views: np.ndarray, mean: np.ndarray, index: int, path: Path, kind: str) -> Path:
     panels = len(views) + 1
     cols = min(4, panels)
@@ -444,6 +488,52 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
     return written
 
 
+def parse_compare(entries: Sequence[str]) -> list[tuple[str, Path]]:
+    """``LABEL=PATH`` (or a bare ``PATH``, labelled by its experiment folder or config name) pairs."""
+    pairs = []
+    for entry in entries:
+        label, sep, path = entry.rpartition("=")
+        path = Path(path)
+        if not sep:
+            label = path.stem if path.suffix in CONFIG_SUFFIXES else path.parent.name
+        pairs.append((label, path))
+    return pairs
+
+
+def comparison_model(path: Path) -> tuple[nn.Module, Any]:
+    """The model of a checkpoint (trained), or of a config (as its training would start: built with
+    the config's init seed), in eval mode on the CPU, and its config."""
+    if path.suffix not in CONFIG_SUFFIXES:
+        from any2point.engine.evaluate import load_model
+
+        model, cfg, _ = load_model(path, device=torch.device("cpu"))
+        return model, cfg
+    from any2point.config import load_config
+    from any2point.engine.seeds import run_seeds, seed_globals
+    from any2point.models import build_model
+
+    cfg = load_config(path)
+    seed_globals(run_seeds(cfg.experiment)["init"])
+    return build_model(cfg.model).eval(), cfg
+
+
+def draw_comparison(entries: Sequence[tuple[str, Path]], out: Path, sample: int = 0,
+                    file: Optional[str] = None) -> tuple[Path, list[ClusterPanel]]:
+    """Paper Fig. 6 for the labelled checkpoints or configs, on one cloud (test item ``sample`` of the
+    first one's dataset, or ``file``): the file written and the panels drawn."""
+    models = []
+    for label, path in entries:
+        if not path.is_file():
+            raise UserError(f"--compare {label}: no such checkpoint or config: {path}")
+        model, cfg = comparison_model(path)
+        if not all(hasattr(model, name) for name in ("source", "projection", "encode")):
+            raise UserError(f"--compare {label}: the clusters need an Any2Point model; {path} holds a {cfg.model.type}")
+        models.append((label, model, cfg))
+    cloud = _cloud(models[0][2], entries[0][1], sample, file)
+    panels = [cluster_panel(label, model, cloud) for label, model, _ in models]
+    return plot_cluster_comparison(cloud.numpy(), panels, out / COMPARE_FILE), panels
+
+
 def draw_parts(ckpt: Path, sample: int, path: Path) -> Path:
     """The ``parts`` figure of test item ``sample`` of a part-segmentation checkpoint."""
     from any2point.datasets import PartDataset, build_dataset
@@ -484,8 +574,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--file", help="a shape file to draw instead of a test item")
     parser.add_argument("--layer", type=int, default=-1, help="source block of the attention figure (default last)")
     parser.add_argument("--point", type=int, default=0, help="the point whose PE is compared (pe figure)")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=PATH",
+                        help="paper Fig. 6: the clusters of two or more checkpoints or configs side by side")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        if len(args.compare) < 2:
+            parser.error("--compare needs at least two LABEL=PATH entries (paper Fig. 6 has three)")
+        if args.ckpt or args.exp or args.figures != "all" or args.out is None:
+            parser.error("--compare draws its own figure: give --out DIR, and no --ckpt, --exp or --figures")
+        return run_cli(lambda: print(draw_comparison(parse_compare(args.compare), args.out, args.sample,
+                                                     args.file)[0]), debug=args.debug)
     figures = list(FIGURES) if args.figures == "all" else [f.strip() for f in args.figures.split(",")]
     unknown = sorted(set(figures) - set(FIGURES))
     if unknown:

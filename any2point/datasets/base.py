@@ -5,12 +5,13 @@ An item is ``dict(points=FloatTensor (N, 3), label=int)``; a part-segmentation d
 ``train`` / ``val`` / ``test`` and ``trainval`` (= train + val, the whole official training set):
 ``val`` is held out from the training set so model selection never sees the test split.
 
-Augmentation randomness is a pure function of ``(seed, run seed, epoch, index)``: every item draws
-from its own ``numpy.random.Generator``, so results do not depend on the number of loader workers or
-on the order in which items are fetched, and a resumed run sees exactly the augmentations of a
-straight run. ``seed`` belongs to the dataset (it also fixes the val hold-out, so runs with different
-seeds select models on the same items); the run seed is the experiment's (``experiment.seed``, set by
-the trainer), so repeated runs of one config see different augmentations.
+Augmentation randomness is a pure function of ``(seed, augment seed, epoch, index)``: every item
+draws from its own ``numpy.random.Generator``, so results do not depend on the number of loader
+workers or on the order in which items are fetched, and a resumed run sees exactly the augmentations
+of a straight run. ``seed`` belongs to the dataset (it also fixes the val hold-out, so runs with
+different seeds select models on the same items); the augment seed is the run's (derived from
+``experiment.seed`` unless ``experiment.augment_seed`` pins it, see :mod:`any2point.engine.seeds`; set
+by the trainer), so repeated runs of one config see different augmentations.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class PointDataset(Dataset):
                               f"and (for test-time voting) 'vote'")
         self.split = split
         self.seed = seed
-        self.run_seed = 0
+        self.augment_seed = 0
         self.epoch = 0
         self.transform = build_transforms(transforms.get(split_kind(split)))
 
@@ -90,15 +91,15 @@ class PointDataset(Dataset):
         """Select the augmentation stream of ``epoch`` (called by the trainer before each epoch)."""
         self.epoch = epoch
 
-    def set_run_seed(self, seed: int) -> None:
-        """Select the augmentation streams of the experiment seeded ``seed`` (called by the trainer)."""
+    def set_augment_seed(self, seed: int) -> None:
+        """Select the augmentation streams of a run whose augment seed is ``seed`` (called by the trainer)."""
         if seed < 0:
-            raise ConfigError(f"experiment.seed must be >= 0, got {seed}")
-        self.run_seed = seed
+            raise ConfigError(f"the augment seed must be >= 0, got {seed}")
+        self.augment_seed = seed
 
     def item_rng(self, index: int) -> np.random.Generator:
         """The augmentation generator of item ``index`` in the current epoch and run."""
-        return np.random.default_rng([self.seed, self.run_seed, self.epoch, index])
+        return np.random.default_rng([self.seed, self.augment_seed, self.epoch, index])
 
     def get_raw(self, index: int) -> tuple[np.ndarray, int]:
         """Return the untransformed ``(points (N, 3+) float32, label)`` of item ``index``."""

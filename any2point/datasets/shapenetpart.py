@@ -13,7 +13,7 @@ The shapes of each official list are parsed once (with a progress bar) and kept 
 fetched). An item's xyz is centred and scaled into the unit sphere (the usual normalisation), then
 ``num_points`` points are drawn: without replacement when the shape has
 that many, else all of them and the rest again at random. Training splits draw new points every
-epoch (and run seed); ``val`` and ``test`` the same points in every pass (so voting averages over
+epoch (and augment seed); ``val`` and ``test`` the same points in every pass (so voting averages over
 fixed points).
 """
 from __future__ import annotations
@@ -195,7 +195,7 @@ class ShapeNetPart(PartDataset):
         if self.normalize:
             normalize_unit_sphere(data[:, :3])
         training = split_kind(self.split) == "train"
-        stream = [_STREAM_TAG, self.seed, index] + ([self.run_seed, self.epoch] if training else [])
+        stream = [_STREAM_TAG, self.seed, index] + ([self.augment_seed, self.epoch] if training else [])
         rng = np.random.default_rng(stream)
         n = len(data)
         if n >= self.num_points:

@@ -10,8 +10,9 @@ only; model selection never votes.
 
 Each test writes a JSON record (:func:`any2point.engine.records.results_record`) with the task's metrics (classification:
 OA, mAcc, per-class accuracy and the confusion matrix; part segmentation: instance and class mIoU,
-point accuracy, per-category mIoU and shape counts), protocol, voting, seed, config hash, source
-identity, time and git commit, so a number in a table can be traced to the run that produced it.
+point accuracy, per-category mIoU and shape counts), protocol, voting, every seed of the training run
+(:mod:`any2point.engine.seeds`), config hash, source identity, time and git commit, so a number in a
+table can be traced to the run that produced it.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import distributed
 from any2point.engine.loading import load_model
 from any2point.engine.log import setup_logging
+from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.records import RESULTS, results_record, write_results
 from any2point.engine.runtime import autocast, pick_device
-from any2point.engine.metrics import Metrics, SegmentationMetrics
+from any2point.engine.seeds import run_seeds
 from any2point.engine.tasks import Task, build_task
 from any2point.errors import ConfigError
 
@@ -157,6 +159,6 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, v
     source = getattr(model, "source_identity", None)
     record = results_record(m, cfg, task.class_names, split="test", protocol=ckpt.get("protocol"), voting=voting,
                             checkpoint=str(ckpt_path), epoch=epoch, source=source() if source else None,
-                            task=task.name)
+                            task=task.name, seeds={**run_seeds(cfg.experiment), "dataset": base.seed})
     logger.info("results: %s", write_results(record, Path(ckpt_path).parent / results))
     return m

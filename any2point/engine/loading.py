@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from any2point.config import validate
 from any2point.engine import checkpoint
 from any2point.engine.runtime import pick_device
+from any2point.engine.seeds import run_seeds, seed_globals
 from any2point.errors import CheckpointError
 from any2point.models import build_model
 
@@ -22,12 +23,14 @@ logger = logging.getLogger("any2point")
 def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None, device: Optional[torch.device] = None,
                ignore_source_mismatch: bool = False) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
     """The model of a checkpoint, in eval mode: built from ``cfg`` (default: the checkpoint's own
-    config), its source checked against the saved identity, its trainable state loaded strictly."""
+    config) with the run's init seed (so a frozen randomly initialised source is the one it trained
+    with), its source checked against the saved identity, its trainable state loaded strictly."""
     ckpt = checkpoint.load(ckpt_path)
     if cfg is None:
         cfg = OmegaConf.create(ckpt["config"])
         validate(cfg)
     device = device or pick_device(cfg.train.device)
+    seed_globals(run_seeds(cfg.experiment)["init"])
     model = build_model(cfg.model).to(device)
     check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
     checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))

@@ -44,8 +44,10 @@ def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
 
 def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_names: list[str], *, split: str,
                    protocol: Optional[str], voting: dict[str, Any], checkpoint: Optional[str] = None, epoch: Optional[int] = None,
-                   source: Optional[dict[str, Any]] = None, task: str = "classification") -> dict[str, Any]:
-    """The JSON record of one test: metrics, where they came from and how they were measured."""
+                   source: Optional[dict[str, Any]] = None, task: str = "classification",
+                   seeds: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The JSON record of one test: metrics, where they came from and how they were measured.
+    ``seeds``: every seed of the training run (:func:`any2point.engine.seeds.run_seeds`)."""
     tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     return {
         "experiment": tree.get("experiment", {}).get("name"),
@@ -56,6 +58,7 @@ def results_record(metrics: Metrics | SegmentationMetrics, config: Any, class_na
         "voting": {**voting, f"pass_{metrics.score_name}": [json_number(x) for x in metrics.pass_scores]},
         "protocol": protocol,
         "seed": tree.get("experiment", {}).get("seed"),
+        "seeds": seeds,
         "config_hash": config_hash(tree),
         "group_hash": config_hash(tree, drop_experiment=True),
         "source": source,

@@ -39,6 +39,7 @@ from any2point.engine.experiment import claim
 from any2point.engine.log import ScalarWriter, setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
+from any2point.engine.seeds import derive_seed, describe_seeds, run_seeds, seed_globals
 from any2point.engine.tasks import build_task
 from any2point.errors import CheckpointError, ConfigError, ExperimentError
 from any2point.models import build_model
@@ -51,10 +52,8 @@ POSTFIX_EVERY = 10  # steps between the progress bar's loss readings (each one w
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; ``deterministic`` also asks torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """Seed the global generators; ``deterministic`` also asks torch for deterministic kernels."""
+    seed_globals(seed)
     if deterministic:
         import os
 
@@ -82,17 +81,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_loader(dataset: PointDataset, batch_size: int, seed: int, num_workers: int,
+def train_loader(dataset: PointDataset, batch_size: int, order_seed: int, num_workers: int,
                  device: torch.device) -> DataLoader:
-    """This rank's shuffled share of the training split, reproducible from ``(seed, epoch)``; the last
-    incomplete batch is dropped."""
-    sampler = distributed.EpochSampler(len(dataset), True, seed, distributed.rank(), distributed.world_size())
+    """This rank's shuffled share of the training split, reproducible from ``(order_seed, epoch)``; the
+    last incomplete batch is dropped. Call :func:`seed_workers` before each epoch."""
+    sampler = distributed.EpochSampler(len(dataset), True, order_seed, distributed.rank(), distributed.world_size())
     if len(sampler) < batch_size:
         raise ConfigError(f"the {dataset.split} split has {len(dataset)} samples, fewer than one batch of "
                           f"{batch_size * distributed.world_size()}; lower train.batch_size")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed))
+                      num_workers=num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
+def seed_workers(loader: DataLoader, augment_seed: int, epoch: int) -> None:
+    """Make the global generators of ``loader``'s workers in ``epoch`` a pure function of
+    ``(augment_seed, epoch, rank, worker)``, so they differ between workers, ranks, epochs and seeds,
+    and a resumed run's workers draw what a straight run's did.
+
+    The loader draws its workers' base seed from ``loader.generator`` when an epoch's iteration
+    starts, and worker ``w`` seeds Python, NumPy and torch from ``base + w``.
+    """
+    loader.generator.manual_seed(derive_seed(augment_seed, epoch, distributed.rank()))
 
 
 def parameter_summary(model: nn.Module) -> dict[str, int]:
@@ -141,9 +150,10 @@ class Trainer:
         if resume:
             resumed = self._load_resume_checkpoint(Path(resume_from) if resume_from else self.exp_dir / LAST)
             history = self._check_config_change(resumed, allow_config_change)
-        seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
-
+        self.seeds = run_seeds(cfg.experiment)
+        seed_everything(self.seeds["init"], cfg.experiment.deterministic)
         self.model = build_model(cfg.model).to(self.device)
+        seed_globals(self.seeds["dropout"])  # a resumed run restores the checkpoint's generators instead
         counts = parameter_summary(self.model)
         logger.info("model %s: %s trainable / %s total parameters (%.3f%%)", cfg.model.type,
                     f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"])
@@ -154,13 +164,14 @@ class Trainer:
         if t.batch_size % world:
             raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be divisible "
                               f"by the number of processes ({world})")
-        seed = cfg.experiment.seed
         self.train_set = build_dataset(cfg.dataset, train_split)
-        self.train_set.set_run_seed(seed)
+        self.train_set.set_augment_seed(self.seeds["augment"])
+        self.seeds["dataset"] = self.train_set.seed
         self.task = build_task(self.train_set, t.label_smoothing)
         self.num_classes = self.train_set.num_classes
         self.task.check_model(cfg.model, cfg.dataset.type)
-        self.train_loader = train_loader(self.train_set, t.batch_size // world, seed, t.num_workers, self.device)
+        self.train_loader = train_loader(self.train_set, t.batch_size // world, self.seeds["order"], t.num_workers,
+                                         self.device)
         eval_bs = max(1, (t.test_batch_size or t.batch_size) // world)
         self.select_loader = eval_loader(build_dataset(cfg.dataset, self.select_split), eval_bs, t.num_workers,
                                          self.device)
@@ -187,6 +198,7 @@ class Trainer:
                     LAST, BEST, self.exp_dir / "tb")
         logger.info("protocol '%s': training on '%s', selecting the best epoch on '%s'", self.protocol,
                     train_split, self.select_split)
+        logger.info("seeds: %s", describe_seeds(self.seeds))
 
     def close(self) -> None:
         """Flush the TensorBoard log and give up the experiment folder."""
@@ -292,6 +304,7 @@ class Trainer:
         self.net.train()
         self.train_set.set_epoch(epoch)
         self.train_loader.sampler.set_epoch(epoch)
+        seed_workers(self.train_loader, self.seeds["augment"], epoch)
         meter = self.task.meter(self.device)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
@@ -333,7 +346,7 @@ class Trainer:
         source = getattr(self.model, "source_identity", None)
         record = results_record(m, self.cfg, self.task.class_names, split="test", protocol=self.protocol,
                                 voting={"passes": 1}, checkpoint=str(best), epoch=self.best_epoch + 1,
-                                source=source() if source else None, task=self.task.name)
+                                source=source() if source else None, task=self.task.name, seeds=self.seeds)
         logger.info("results: %s; checkpoints: %s, %s", write_results(record, self.exp_dir / RESULTS),
                     self.exp_dir / LAST, best)
         return m

@@ -159,15 +159,17 @@ class ViewLocalAttention(nn.Module):
 
 class AdapterBlock(nn.Module):
     """One block's own adapter parameters: the bottleneck ``C -> r -> C`` and the per-view and 3D
-    BatchNorms (the 3D one only when the cosine ensemble is on)."""
+    BatchNorms (the per-view ones only with local aggregation, the 3D one only when the cosine
+    ensemble is on)."""
 
-    def __init__(self, dim: int, bottleneck: int, dropout: float, num_views: int, ensemble: bool) -> None:
+    def __init__(self, dim: int, bottleneck: int, dropout: float, num_views: int, ensemble: bool,
+                 local_aggregation: bool = True) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.act = QuickGELU()
         self.drop = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, dim)
-        self.view_norm = GroupedBatchNorm(num_views, dim)
+        self.view_norm = GroupedBatchNorm(num_views, dim) if local_aggregation else None
         self.voxel_norm = GroupedBatchNorm(1, dim) if ensemble else None
         for linear in (self.down, self.up):
             nn.init.xavier_uniform_(linear.weight)

@@ -2,8 +2,8 @@
 
 Each 3D token centre is projected, without rendering anything, to M positions in the source's own
 positional-embedding table: M lines for a 1D (language) source, M PointCLIP views for a 2D
-(vision / audio) source (PointCLIP V1's six perspective views, or PointCLIP V2's ten orthographic
-views, the paper's Table 8). The M embeddings sampled there are averaged and added to the token
+(vision / audio) source (PointCLIP V1's six perspective views, two more of ours for 8, or PointCLIP
+V2's ten orthographic views; the paper's Table 8). The M embeddings sampled there are averaged and added to the token
 once. The same positions, cut into cells, guide the adapter's local attention: :func:`token_cells`
 is the one place that says which cell each token is in.
 
@@ -50,7 +50,9 @@ IndexKind = Literal["paper", "official"]
 ViewKind = Literal["pointclip", "pointclip_v2"]
 CellKind = Literal["1d", "2d", "3d"]
 
-#: Euler angles (x, y, z) of the six PointCLIP-V1 views.
+#: Euler angles (x, y, z) of the PointCLIP-V1 views: its six (four around the object, then top and
+#: bottom), then two more side views half-way between the first and second and the third and fourth,
+#: for the paper's 8-view row of Table 8 (PointCLIP V1 defines six; these two are our choice).
 POINTCLIP_VIEW_ANGLES = (
     (0.0, 0.0, math.pi / 2),
     (math.pi / 2, 0.0, math.pi / 2),
@@ -58,6 +60,8 @@ POINTCLIP_VIEW_ANGLES = (
     (3 * math.pi / 2, 0.0, math.pi / 2),
     (0.0, -math.pi / 2, math.pi / 2),
     (0.0, math.pi / 2, math.pi / 2),
+    (math.pi / 4, 0.0, math.pi / 2),
+    (5 * math.pi / 4, 0.0, math.pi / 2),
 )
 
 
@@ -105,7 +109,8 @@ def euler_to_matrix(angles: Tensor) -> Tensor:
 def pointclip_view_rotations(num_views: int = 6) -> Tensor:
     """The first ``num_views`` PointCLIP-V1 view rotations ``(M, 3, 3)`` (float64)."""
     if not 1 <= num_views <= len(POINTCLIP_VIEW_ANGLES):
-        raise ValueError(f"the PointCLIP views are 6; num_views must be in 1..6, got {num_views}")
+        raise ValueError(f"the PointCLIP views are {len(POINTCLIP_VIEW_ANGLES)}; num_views must be in "
+                         f"1..{len(POINTCLIP_VIEW_ANGLES)}, got {num_views}")
     angles = torch.tensor(POINTCLIP_VIEW_ANGLES[:num_views], dtype=torch.float64, device="cpu")
     return euler_to_matrix(angles)
 
@@ -319,7 +324,8 @@ class VirtualProjection(nn.Module):
         lines: 1D sources: ``even`` (lines spread evenly over the sphere) or ``pointclip_views``
             (``line_direction`` seen from the PointCLIP views, as the official code did).
         line_direction: the direction ``u`` for ``lines: pointclip_views``.
-        views: 2D sources: ``pointclip`` (PointCLIP V1's six perspective views, the paper) or
+        views: 2D sources: ``pointclip`` (PointCLIP V1's six perspective views, the paper, and two
+            more side views of ours, :data:`POINTCLIP_VIEW_ANGLES`) or
             ``pointclip_v2`` (PointCLIP V2's ten orthographic views, the object on 80 % of the
             plane; the paper's Table 8); the first ``num_views`` of them are used.
         trans: 2D sources, PointCLIP V1 views: camera distance (its magnitude is used; must exceed 1).
@@ -404,7 +410,7 @@ class VirtualProjection(nn.Module):
         directions = (even_line_directions(num_views) if lines == "even"
                       else pointclip_line_directions(line_direction, num_views))
         self.register_buffer("directions", directions.float(), persistent=False)
-        rotations = (pointclip_view_rotations(min(num_views, 6)) if views == "pointclip"
+        rotations = (pointclip_view_rotations(min(num_views, MAX_VIEWS["pointclip"])) if views == "pointclip"
                      else pointclip_v2_view_rotations(min(num_views, 10)))
         self.register_buffer("rotations", rotations.float(), persistent=False)
         self.mlp = (nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, self.dim))

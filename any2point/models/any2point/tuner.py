@@ -113,6 +113,9 @@ class GuidedAdapter(Tuner):
             default).
         ensemble: weight the views by their cosine agreement with the 3D branch; else average them
             (and build no 3D branch).
+        local_aggregation: ``false`` leaves the bottleneck alone, a plain bottleneck MLP adapter: no
+            local attentions, no cells, no per-view batch norms (the paper's Table 5, first row; needs
+            ``ensemble: false``, which has nothing to weigh then).
         position: ``after`` the FFN (the paper: the bottleneck reads the FFN output), ``parallel``
             (the bottleneck reads the FFN's input stream), or ``before`` (the adapter transforms the
             stream before the FFN output is added).
@@ -132,7 +135,8 @@ class GuidedAdapter(Tuner):
     def __init__(self, dim: int, depth: int, num_views: int, bottleneck: int = 16, scale: float = 0.3,
                  dropout: float = 0.1, coef: float = 0.3, attn_dim: int = 12, attn_heads: int = 6,
                  pool: Pool = "mean", guidance: GuidanceKind = "source", cell_size: Optional[float] = None,
-                 voxel_size: float = 0.08, ensemble: bool = True, position: Position = "after",
+                 voxel_size: float = 0.08, ensemble: bool = True, local_aggregation: bool = True,
+                 position: Position = "after",
                  insert_depth: Optional[int] = None, projection: Optional[VirtualProjection] = None,
                  dense_cell_norm: bool = False, checkpoint: bool = True) -> None:
         super().__init__()
@@ -150,12 +154,16 @@ class GuidedAdapter(Tuner):
         self.guidance, self.cell_size, self.voxel_size = guidance, cell_size, voxel_size
         self.ensemble, self.position, self.insert_depth = ensemble, position, insert_depth
         self.dense_cell_norm, self.checkpoint = dense_cell_norm, checkpoint
+        self.local_aggregation = local_aggregation
         if dense_cell_norm and guidance == "3d":
             raise ConfigError("adapter dense_cell_norm needs cells of a line or plane (guidance 3d has none)")
-        self.local_attention = ViewLocalAttention(num_views, dim, attn_dim, attn_heads)
-        self.blocks = nn.ModuleList(AdapterBlock(dim, bottleneck, dropout, num_views, ensemble)
+        if not local_aggregation and ensemble:
+            raise ConfigError("adapter local_aggregation: false leaves no views for the ensemble to weigh; "
+                              "set ensemble: false too")
+        self.local_attention = ViewLocalAttention(num_views, dim, attn_dim, attn_heads) if local_aggregation else None
+        self.blocks = nn.ModuleList(AdapterBlock(dim, bottleneck, dropout, num_views, ensemble, local_aggregation)
                                     for _ in range(insert_depth))
-        if projection is not None:
+        if projection is not None and local_aggregation:
             projection.check_cells(self.cell_kind(projection), self.guidance_cell_size(), "adapter")
 
     def cell_kind(self, projection: VirtualProjection) -> CellKind:
@@ -168,8 +176,11 @@ class GuidedAdapter(Tuner):
         """The cell side asked for (3D cells default to the voxel size)."""
         return self.cell_size if self.guidance != "3d" else (self.cell_size or self.voxel_size)
 
-    def prepare(self, embedded: Embedded) -> GuidanceContext:
-        """The batch's :class:`GuidanceContext` from the projection's cells of every token."""
+    def prepare(self, embedded: Embedded) -> Optional[GuidanceContext]:
+        """The batch's :class:`GuidanceContext` from the projection's cells of every token (``None``
+        without local aggregation, which alone uses them)."""
+        if not self.local_aggregation:
+            return None
         projection, projected = embedded.projection, embedded.projected
         cells, num_cells = projection.cells_and_count(projected, self.cell_kind(projection),
                                                       self.guidance_cell_size())
@@ -209,7 +220,9 @@ class GuidedAdapter(Tuner):
 
     def _forward_block(self, block: AdapterBlock, context: GuidanceContext, x: Tensor, f: Tensor) -> Tensor:
         guide = self._guide
-        if self.checkpoint and self.training and torch.is_grad_enabled():
+        if not self.local_aggregation:
+            guide = _bottleneck_only
+        elif self.checkpoint and self.training and torch.is_grad_enabled():
             guide = functools.partial(checkpointed, self._guide)
         if self.position == "after":
             return guide(block, context, x + f + self.scale * block.bottleneck(f))
@@ -258,5 +271,11 @@ class GuidedAdapter(Tuner):
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, coef={self.coef}, pool={self.pool}, guidance={self.guidance}, "
                 f"cell_size={self.cell_size}, voxel_size={self.voxel_size}, ensemble={self.ensemble}, "
+                f"local_aggregation={self.local_aggregation}, "
                 f"position={self.position}, insert_depth={self.insert_depth}, dense_cell_norm={self.dense_cell_norm}, "
                 f"checkpoint={self.checkpoint}")
+
+
+def _bottleneck_only(block: AdapterBlock, context: Optional[GuidanceContext], z: Tensor) -> Tensor:
+    """No guided branch (``local_aggregation: false``): the bottleneck's output passes unchanged."""
+    return z
