@@ -12,13 +12,13 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Annotated, Any, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from any2point.registry import (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, ConfigError,
-                                Registry, check_kwargs)
+                                NonNegativeInt, PositiveFloat, PositiveInt, Range, Registry, Seed, check_kwargs)
 
 CLI = "the command line"
 
@@ -37,15 +37,58 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+# Limits of one YAML document: the largest shipped config is about 2 kB and 150 nodes. Aliases
+# (``*name``) share a node, so a 600-byte file can stand for 10^8 values (an "alias bomb") that
+# merging and validation would copy one by one; the nodes are counted as the aliases expand them.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+
+
+def _expanded_nodes(node: yaml.Node, where: str, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes under ``node`` with every alias expanded, counted without expanding (shared nodes are
+    counted once per use from ``memo``); a node that contains itself is an error."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise ConfigError(f"{where}: an alias refers to a node that contains it (a recursive YAML structure)")
+    active.add(key)
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, where, memo, active)
+        if total > MAX_YAML_NODES:
+            break  # the caller reports it; counting further could take as long as expanding
+    active.discard(key)
+    memo[key] = total
+    return total
+
+
 def parse_yaml(text: str, where: str = "YAML text") -> Any:
-    """Parse YAML text with :class:`_Loader`; a syntax error names ``where`` and the line."""
+    """Parse YAML text with :class:`_Loader`; a syntax error names ``where`` and the line. A text
+    over :data:`MAX_YAML_BYTES`, or whose aliases expand to more than :data:`MAX_YAML_NODES` nodes,
+    is refused before anything is built from it."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: more than {MAX_YAML_BYTES} characters of YAML; a config is far smaller")
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, where, {}, set()) > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values (aliases "
+                              f"'*name' repeat whole blocks); a config is far smaller")
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"YAML syntax error in {where}{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
 
 
 class FieldError(ConfigError):
@@ -63,18 +106,12 @@ class ExperimentConfig:
 
     name: str = "default"
     output_dir: str = "experiments"
-    seed: int = 0
-    init_seed: Optional[int] = None
-    order_seed: Optional[int] = None
-    augment_seed: Optional[int] = None
-    dropout_seed: Optional[int] = None
+    seed: Seed = 0
+    init_seed: Optional[Seed] = None
+    order_seed: Optional[Seed] = None
+    augment_seed: Optional[Seed] = None
+    dropout_seed: Optional[Seed] = None
     deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        for key in ("init_seed", "order_seed", "augment_seed", "dropout_seed"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise FieldError(key, f"must be >= 0 (or null: derived from experiment.seed), got {value}")
 
 
 @dataclass
@@ -83,15 +120,15 @@ class TrainConfig:
     from the training set; ``protocol: paper`` trains on the whole training set and selects on the
     test split, as the official code did."""
 
-    epochs: int = 300
-    batch_size: int = 32
-    test_batch_size: Optional[int] = None
-    grad_clip: Optional[float] = 10.0
-    num_workers: int = 4
+    epochs: PositiveInt = 300
+    batch_size: PositiveInt = 32
+    test_batch_size: Optional[PositiveInt] = None
+    grad_clip: Optional[PositiveFloat] = 10.0
+    num_workers: NonNegativeInt = 4
     protocol: str = "honest"
     amp: bool = True
-    eval_every: int = 1
-    label_smoothing: float = 0.0
+    eval_every: PositiveInt = 1
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
     device: str = "auto"
     compile: bool = False  # torch.compile the model (opt-in; first steps pay the compilation)
     # CPU: keep freed memory in the heap for reuse within an epoch (faster steps; the heap
@@ -101,14 +138,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.protocol not in ("honest", "paper"):
             raise FieldError("protocol", f"must be 'honest' or 'paper', got '{self.protocol}'")
-        for key in ("epochs", "batch_size", "test_batch_size", "eval_every"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise FieldError(key, f"must be at least 1, got {value}")
-        if self.num_workers < 0:
-            raise FieldError("num_workers", f"must be 0 or more, got {self.num_workers}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise FieldError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -164,8 +193,12 @@ def _read_tree(path: Path, provenance: dict[str, str], stack: tuple[Path, ...] =
     if not path.is_file():
         where = f" (named in _base_ of {stack[-1]})" if stack else ""
         raise ConfigError(f"config file not found: {path}{where}")
-    with open(path) as f:
-        data = parse_yaml(f.read(), str(path)) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping at top level")
     bases = data.pop("_base_", [])
@@ -219,7 +252,7 @@ def _validate_dataclass(node: Any, schema: type, prefix: str, root: DictConfig) 
         if key not in fields:
             raise ConfigError(f"unknown key '{prefix}.{key}'{_origin(root, f'{prefix}.{key}')}; "
                               f"allowed keys: {', '.join(fields)}")
-    check_kwargs(schema, OmegaConf.to_container(node), f"section '{prefix}'", node)
+    check_kwargs(schema, OmegaConf.to_container(node), f"section '{prefix}'", node, path=prefix)
     try:
         schema(**OmegaConf.to_container(node))
     except FieldError as e:
@@ -262,7 +295,7 @@ def _validate_typed(node: Any, path: str, registry: Optional[Registry]) -> None:
                 target = reg.get(node["type"])
                 kwargs = {k: v for k, v in node.items() if k != "type"}
                 check_kwargs(target, kwargs, f"{reg.kind} '{node['type']}' at '{path}'", node,
-                             injected=getattr(target, "injected_args", ()))
+                             injected=getattr(target, "injected_args", ()), path=path)
         for key, value in node.items():
             _validate_typed(value, f"{path}.{key}", None)
     elif isinstance(node, ListConfig):
@@ -286,8 +319,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"missing required key '{key}'")
     _validate_dataclass(cfg.train, TrainConfig, "train", cfg)
     _validate_dataclass(cfg.experiment, ExperimentConfig, "experiment", cfg)
-    if cfg.experiment.seed < 0:
-        raise ConfigError(f"experiment.seed must be >= 0, got {cfg.experiment.seed}{_origin(cfg, 'experiment.seed')}")
     for section, registry in SECTION_REGISTRY.items():
         node = cfg[section]
         if not isinstance(node, DictConfig) or "type" not in node:

@@ -3,16 +3,20 @@
 
 A registered class's ``__init__`` signature is its config schema: keys that are not parameters are
 rejected, required parameters must be present, and annotated ``int``/``float``/``bool``/``str``
-parameters are type-checked, so a misspelt key fails at build time with the key's name.
+parameters are type-checked, so a misspelt key fails at build time with the key's name. A number is
+also checked against the interval its annotation declares (``lr: PositiveFloat``, see :class:`Range`),
+and a ``float`` must be finite: ``.nan`` or ``.inf`` never reaches an optimizer or a dataset.
 """
 from __future__ import annotations
 
 import collections.abc
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -65,6 +69,77 @@ OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric config value must lie in, declared on its parameter with ``Annotated``
+    (``lr: Annotated[float, Range(gt=0)]``) and checked when the config is loaded, so the error names
+    the key and the file that set it; ``None`` bounds are open."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def problem(self, value: float) -> Optional[str]:
+        """What is wrong with ``value`` ("must be ..., got ..."), or ``None`` when it fits."""
+        fits = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        if fits:
+            return None
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            want = f"in {low}, {high}"
+        elif low:
+            want = f"at least {self.ge}" if self.ge is not None else f"> {self.gt}"
+        else:
+            want = f"at most {self.le}" if self.le is not None else f"< {self.lt}"
+        return f"must be {want}, got {value}"
+
+
+#: Bounds used across the configs' signatures.
+MAX_SEED = 2**32 - 1          # numpy's legacy seeding takes 32 bits; torch's generators take 64
+MAX_POINTS = 1 << 20          # points per cloud: real scans and meshes are sampled to 1k-10k
+MAX_ITEMS = 10_000_000        # items per generated split
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, le=1)]
+Seed = Annotated[int, Range(ge=0, le=MAX_SEED)]
+NumPoints = Annotated[int, Range(ge=1, le=MAX_POINTS)]
+NumItems = Annotated[int, Range(ge=0, le=MAX_ITEMS)]
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a ``Union`` / ``Optional`` annotation; any other annotation alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def value_problem(value: Any, annotation: Any) -> Optional[str]:
+    """What is wrong with a number of the right type: a ``float`` that is not finite, or a value
+    outside a :class:`Range` of its annotation (also inside ``Optional[...]``, and each element of a
+    ``Sequence[...]``); ``None`` if nothing."""
+    if isinstance(value, (list, tuple)):
+        element = next((typing.get_args(a)[0] for a in _members(annotation)
+                        if typing.get_origin(a) in (list, tuple, collections.abc.Sequence) and typing.get_args(a)),
+                       Any)
+        problems = ((i, value_problem(v, element)) for i, v in enumerate(value))
+        return next((f"[{i}] {p}" for i, p in problems if p), None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    for member in _members(annotation):
+        if typing.get_origin(member) is Annotated:
+            for bound in member.__metadata__:
+                if isinstance(bound, Range) and (problem := bound.problem(value)):
+                    return problem
+    return None
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
@@ -86,6 +161,8 @@ def _check_type(value: Any, annotation: Any) -> bool:
     if annotation is inspect.Parameter.empty or annotation is Any:
         return True
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _check_type(value, typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         return any(_check_type(value, a) for a in typing.get_args(annotation))
     if origin is typing.Literal:
@@ -106,14 +183,15 @@ def _check_type(value: Any, annotation: Any) -> bool:
 
 
 def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], what: str,
-                 cfg: Any = None, injected: tuple[str, ...] = ()) -> None:
-    """Validate config keys against ``target``'s signature; raise :class:`ConfigError` naming the key."""
+                 cfg: Any = None, injected: tuple[str, ...] = (), path: str = "") -> None:
+    """Validate config keys against ``target``'s signature; raise :class:`ConfigError` naming the key
+    (``path.key`` for an impossible value when the config path ``path`` is given)."""
     sig = inspect.signature(target)
     params = sig.parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target, include_extras=True)
     except Exception:  # unresolved forward references: fall back to no type checks
         hints = {}
     for key, value in kwargs.items():
@@ -122,9 +200,15 @@ def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], what: st
             raise ConfigError(f"unknown key '{key}' for {what}{_where(cfg, key)}; allowed keys: {allowed}")
         annotation = hints.get(key, params[key].annotation)
         if not _check_type(_to_plain(value), annotation):
+            expected = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
             raise ConfigError(
                 f"wrong type for key '{key}' of {what}{_where(cfg, key)}: got {type(value).__name__} "
-                f"{value!r}, expected {getattr(annotation, '__name__', annotation)}")
+                f"{value!r}, expected {getattr(expected, '__name__', expected)}")
+        problem = value_problem(_to_plain(value), annotation)
+        if problem:
+            name = f"{path}.{key}" if path else f"key '{key}' of {what}"
+            space = "" if problem.startswith("[") else " "  # "betas[1] must be ..."
+            raise ConfigError(f"{name}{space}{problem}{_where(cfg, key)}")
     for name, p in params.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name == "self" or name in injected:
             continue

@@ -113,7 +113,7 @@ def test_experiment_seed_selects_the_augmentation_streams(tmp_path: Path) -> Non
         assert train_set.augment_seed == stream_seed(seed, "augment") and train_set.transform.transforms
         streams[name] = torch.stack([train_set[i]["points"] for i in range(4)])
     assert torch.equal(streams["a"], streams["b"]) and not torch.equal(streams["a"], streams["c"])
-    with pytest.raises(ConfigError, match="experiment.seed must be >= 0"):
+    with pytest.raises(ConfigError, match=r"experiment.seed must be in \[0, 4294967295\], got -1"):
         load_config(tiny_config(tmp_path, "negative", experiment={"seed": -1}))
 
 
@@ -214,7 +214,7 @@ def test_checkpoint_keeps_only_trainable_and_reports_mismatch(tmp_path: Path) ->
     state = checkpoint.trainable_state_dict(model)
     assert not any(k.startswith("0.") for k in state)
     assert "1.running_mean" in state and "2.weight" in state
-    checkpoint.save_atomic({"model": state}, tmp_path / "c.pth")
+    checkpoint.save_atomic({"model": state, "config": {}}, tmp_path / "c.pth")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]          # no temporary file left behind
     other = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     other[0].requires_grad_(False)

@@ -12,9 +12,13 @@ cloud is centred and scaled into the unit sphere (``--no-normalize`` keeps it as
 dataset's test transforms are applied. Prints the top-k classes with their probabilities, or one
 JSON object with ``--json``. With a part-segmentation checkpoint, ``--category`` names the shapes'
 category (the model is conditioned on it), each point gets the most likely of that category's
-parts, and ``<out>/<file stem>.parts.txt`` holds the prepared points, one ``x y z part`` line each
-(the part's global index); the printout gives the points per part. A file that cannot be read is reported on its own line; the others are
-still classified, and the exit status is 1.
+parts, and ``<out>/<name>.parts.txt`` holds the prepared points, one ``x y z part`` line each (the
+part's global index), where ``<name>`` is the file's path under the folder given without its suffix
+(a file given by itself: its stem), so ``shapes/a/s0.npy`` and ``shapes/b/s0.npy`` write
+``a/s0.parts.txt`` and ``b/s0.parts.txt``; two inputs that would still write the same output are an
+error before anything is written. The printout gives the points per part. A file that cannot be
+read or classified is reported on its own line naming it; the others are still classified, and the
+exit status is 1. A bad flag is an error (exit status 2) before any file is read.
 """
 from __future__ import annotations
 
@@ -31,17 +35,19 @@ from omegaconf import DictConfig
 from any2point.datasets import build_dataset, build_transforms
 from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES, DataError, normalize_unit_sphere, read_shape_file
 from any2point.datasets.transforms import FPSResample
-from any2point.engine.evaluate import load_model
+from any2point.engine.evaluate import load_model, pick_device
 from any2point.errors import UserError, run_cli
+from any2point.registry import MAX_POINTS, MAX_SEED, ConfigError
 
 SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 DEFAULT_POINTS = 2048
 
 
-def collect_files(paths: Sequence[str]) -> list[Path]:
-    """The given files, and the supported files under the given folders (sorted); a path that does
-    not exist is an error naming it."""
-    files: list[Path] = []
+def collect_files(paths: Sequence[str]) -> list[tuple[Path, Path]]:
+    """The given files, and the supported files under the given folders (sorted), each with its
+    name: its path under the folder given (a file given by itself: its file name). A path that
+    does not exist is an error naming it."""
+    files: list[tuple[Path, Path]] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
@@ -49,12 +55,25 @@ def collect_files(paths: Sequence[str]) -> list[Path]:
                            and not p.name.startswith("."))
             if not found:
                 raise DataError(f"{path}: holds no shape files (supported: {', '.join(SUFFIXES)})")
-            files += found
+            files += [(p, p.relative_to(path)) for p in found]
         elif path.is_file():
-            files.append(path)
+            files.append((path, Path(path.name)))
         else:
             raise FileNotFoundError(f"no such file or folder: {path}")
     return files
+
+
+def output_paths(files: Sequence[tuple[Path, Path]], out_dir: Path) -> list[Path]:
+    """``<out_dir>/<name without suffix>.parts.txt`` for each file; two files that would write the
+    same output are an error naming both (nothing is overwritten silently)."""
+    targets: dict[Path, Path] = {}
+    for path, name in files:
+        target = out_dir / name.with_suffix(".parts.txt")
+        if target in targets:
+            raise UserError(f"{targets[target]} and {path} would both write {target}; give them different names "
+                            f"or folders, or run them separately with other --out folders")
+        targets[target] = path
+    return list(targets)
 
 
 def class_names(cfg: DictConfig, ckpt: dict[str, Any]) -> list[str]:
@@ -120,7 +139,7 @@ def run(ckpt: str, paths: Sequence[str], top_k: int = 5, num_points: Optional[in
     """One record per file: ``{"file", "predictions"}`` (classification), ``{"file", "category",
     "parts", "output"}`` (part segmentation) or ``{"file", "error"}``."""
     files = collect_files(paths)
-    model, cfg, state = load_model(ckpt, device=torch.device(device) if device else None)
+    model, cfg, state = load_model(ckpt, device=pick_device(device, "--device") if device else None)
     names = class_names(cfg, state)
     segmentation = state.get("task", "classification") == "part_segmentation"
     if segmentation:
@@ -130,25 +149,27 @@ def run(ckpt: str, paths: Sequence[str], top_k: int = 5, num_points: Optional[in
         if category not in names:
             raise UserError(f"--category '{category}' is not one of the checkpoint's categories: {', '.join(names)}")
         category_parts, part_names = part_info(cfg, state)
-        label, out_dir = names.index(category), Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        label, targets = names.index(category), output_paths(files, Path(out))
     elif category is not None:
         raise UserError(f"--category is for part-segmentation checkpoints; {ckpt} is a classification one")
     prepare = Preparer(cfg, num_points, normalize, seed)
     records = []
-    for index, path in enumerate(files):
+    for index, (path, _) in enumerate(files):
+        points = None
         try:
             points = prepare(path, index)
             if not segmentation:
                 records.append({"file": str(path), "predictions": predict(model, points, names, top_k)})
                 continue
             parts = predict_parts(model, points, label, category_parts[label])
-            target = out_dir / f"{path.stem}.parts.txt"
+            target = targets[index]
+            target.parent.mkdir(parents=True, exist_ok=True)
             np.savetxt(target, np.column_stack([points.numpy(), parts.numpy()]), fmt=["%.6f"] * 3 + ["%d"])
             counts = {part_names[p]: int((parts == p).sum()) for p in category_parts[label]}
             records.append({"file": str(path), "category": category, "parts": counts, "output": str(target)})
         except ValueError as e:  # DataError (unreadable file) or a cloud the model cannot take
-            records.append({"file": str(path), "error": str(e)})
+            size = "" if points is None else f"its {len(points)} prepared points: "
+            records.append({"file": str(path), "error": f"{size}{e}"})
     return records
 
 
@@ -164,12 +185,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the checkpoint config's train.device)")
     parser.add_argument("--category", help="part segmentation: the shapes' category (the model is conditioned on it)")
     parser.add_argument("--out", default="predictions",
-                        help="part segmentation: folder of the <file stem>.parts.txt outputs (default predictions/)")
+                        help="part segmentation: folder of the <name>.parts.txt outputs, named after each file's "
+                             "path under the folder given (default predictions/)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
     if args.top_k < 1:
-        parser.error("--top-k must be at least 1")
+        parser.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.num_points is not None and not 1 <= args.num_points <= MAX_POINTS:
+        parser.error(f"--num-points must be in [1, {MAX_POINTS}], got {args.num_points}")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if args.device is not None:
+        try:
+            pick_device(args.device, "--device")
+        except ConfigError as e:
+            parser.error(str(e))
     return run_cli(lambda: report(args), debug=args.debug)
 
 
@@ -191,7 +222,8 @@ def report(args: argparse.Namespace) -> int:
             best = "  ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in r["predictions"])
             print(f"{r['file']}: {best}")
     for r in failed:
-        print(f"error: {r['error']}", file=sys.stderr)
+        message = r["error"] if r["error"].startswith(r["file"]) else f"{r['file']}: {r['error']}"
+        print(f"error: {message}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -122,7 +122,10 @@ def read_h5(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
         missing = [k for k in keys if k not in handle]
         if missing:
             raise DataError(f"{path}: missing key(s) {missing}; the file holds {sorted(handle.keys())}")
-        return {k: np.asarray(handle[k][()]) for k in keys}
+        try:
+            return {k: np.asarray(handle[k][()]) for k in keys}
+        except (OSError, RuntimeError, ValueError, TypeError) as e:  # a damaged chunk fails only when read
+            raise DataError(f"{path}: cannot read its data, the file is damaged ({str(e).splitlines()[0]})") from e
 
 
 _PICKLE_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")

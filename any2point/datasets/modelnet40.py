@@ -25,7 +25,7 @@ from any2point.datasets.io import (DataError, DatasetNotFoundError, InMemoryData
                                    check_cloud, check_clouds, check_labels, file_signature, furthest_point_indices,
                                    load_pickle, normalize_unit_sphere, read_h5, read_lines, read_point_file,
                                    require_path, stack_clouds, take_points)
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS, ConfigError, Fraction, NumPoints, PositiveInt, Seed
 
 MODELNET40_CLASSES = (
     "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone", "cup",
@@ -63,8 +63,9 @@ class ModelNet40(InMemoryDataset):
     """
 
     def __init__(self, split: str, root: str = "data/ModelNet/modelnet40_normal_resampled",
-                 num_category: Literal[10, 40] = 40, num_points: int = 8192, transforms: Optional[dict] = None,
-                 seed: int = 0, val_fraction: float = 0.1, fps_cache: bool = True) -> None:
+                 num_category: Literal[10, 40] = 40, num_points: NumPoints = 8192,
+                 transforms: Optional[dict] = None, seed: Seed = 0, val_fraction: Fraction = 0.1,
+                 fps_cache: bool = True) -> None:
         super().__init__(split, transforms, seed, val_fraction, fps_cache)
         if num_category not in (10, 40):
             raise ConfigError(f"ModelNet40.num_category must be 10 or 40, got {num_category}")
@@ -172,8 +173,8 @@ class ModelNetFewShot(InMemoryDataset):
         transforms, seed, val_fraction, fps_cache: see :class:`InMemoryDataset`.
     """
 
-    def __init__(self, split: str, root: str = "data/ModelNetFewshot", way: int = 5, shot: int = 10, fold: int = 0,
-                 transforms: Optional[dict] = None, seed: int = 0, val_fraction: float = 0.1,
+    def __init__(self, split: str, root: str = "data/ModelNetFewshot", way: PositiveInt = 5, shot: PositiveInt = 10,
+                 fold: int = 0, transforms: Optional[dict] = None, seed: Seed = 0, val_fraction: Fraction = 0.1,
                  fps_cache: bool = True) -> None:
         super().__init__(split, transforms, seed, val_fraction, fps_cache)
         path = require_path(Path(root) / f"{way}way_{shot}shot" / f"{fold}.pkl", FEWSHOT_HINT)

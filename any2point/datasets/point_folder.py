@@ -20,7 +20,7 @@ from tqdm import tqdm
 from any2point.datasets.base import holdout_indices
 from any2point.datasets.io import (MESH_SUFFIXES, POINT_SUFFIXES, DataError, InMemoryDataset, file_signature,
                                    read_shape_file, require_path)
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS, ConfigError, Fraction, NumPoints, Seed
 
 HINT = "Set dataset.root=PATH to a folder with one sub-folder of shape files per class (see PointFolder)."
 
@@ -58,9 +58,9 @@ class PointFolder(InMemoryDataset):
         transforms, seed, val_fraction, fps_cache: see :class:`InMemoryDataset`.
     """
 
-    def __init__(self, split: str, root: str, num_samples: int = 2048, test_fraction: float = 0.2,
-                 data_seed: int = 0, transforms: Optional[dict] = None, seed: int = 0,
-                 val_fraction: float = 0.1, fps_cache: bool = True) -> None:
+    def __init__(self, split: str, root: str, num_samples: NumPoints = 2048, test_fraction: Fraction = 0.2,
+                 data_seed: Seed = 0, transforms: Optional[dict] = None, seed: Seed = 0,
+                 val_fraction: Fraction = 0.1, fps_cache: bool = True) -> None:
         super().__init__(split, transforms, seed, val_fraction, fps_cache)
         if num_samples <= 0:
             raise ConfigError(f"PointFolder.num_samples must be > 0, got {num_samples}")

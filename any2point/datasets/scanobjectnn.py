@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from any2point.datasets.io import (InMemoryDataset, check_clouds, check_labels, file_signature, read_h5,
                                    require_path)
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS, ConfigError, Fraction, Seed
 
 CLASSES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table", "bed", "pillow",
            "sink", "sofa", "toilet")
@@ -62,7 +62,7 @@ class ScanObjectNN(InMemoryDataset):
 
     def __init__(self, split: str, root: str = "data/ScanObjectNN",
                  variant: Literal["OBJ_BG", "OBJ_ONLY", "PB_T25", "PB_T25_R", "PB_T50_R", "PB_T50_RS"] = "PB_T50_RS",
-                 transforms: Optional[dict] = None, seed: int = 0, val_fraction: float = 0.1,
+                 transforms: Optional[dict] = None, seed: Seed = 0, val_fraction: Fraction = 0.1,
                  fps_cache: bool = True) -> None:
         super().__init__(split, transforms, seed, val_fraction, fps_cache)
         if variant not in VARIANTS:

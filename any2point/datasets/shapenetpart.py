@@ -29,7 +29,7 @@ from tqdm import tqdm
 from any2point.datasets.base import PartDataset, split_kind
 from any2point.datasets.io import (DataError, cached_arrays, file_signature, normalize_unit_sphere, read_lines,
                                   require_path)
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS, ConfigError, NumPoints, Seed
 
 PARTS: dict[str, int] = {
     "Airplane": 4, "Bag": 2, "Cap": 2, "Car": 4, "Chair": 4, "Earphone": 3, "Guitar": 3, "Knife": 2, "Lamp": 4,
@@ -95,8 +95,8 @@ class ShapeNetPart(PartDataset):
     part_names = [f"{name}/{k}" for name, count in PARTS.items() for k in range(count)]
 
     def __init__(self, split: str, root: str = "data/shapenetcore_partanno_segmentation_benchmark_v0_normal",
-                 num_points: int = 2048, categories: Optional[list] = None, normalize: bool = True,
-                 cache: bool = True, transforms: Optional[dict] = None, seed: int = 0) -> None:
+                 num_points: NumPoints = 2048, categories: Optional[list] = None, normalize: bool = True,
+                 cache: bool = True, transforms: Optional[dict] = None, seed: Seed = 0) -> None:
         super().__init__(split, transforms, seed)
         if num_points <= 0:
             raise ConfigError(f"ShapeNetPart.num_points must be > 0, got {num_points}")

@@ -25,7 +25,7 @@ import numpy as np
 
 from any2point.datasets.base import PointDataset
 from any2point.datasets.transforms import axis_rotation_matrix, random_rotation_matrix
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS, ConfigError, NumItems, NumPoints, Seed
 
 Sampler = Callable[[np.random.Generator, int], np.ndarray]
 Curve = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -287,9 +287,9 @@ class SyntheticShapes(PointDataset):
 
     injected_args = ("split",)
 
-    def __init__(self, split: str, transforms: Optional[dict] = None, seed: int = 0,
-                 num_points: int = 1024, train_size: int = 2400, val_size: int = 480,
-                 test_size: int = 1200, classes: Optional[list] = None, noise: float = 0.01,
+    def __init__(self, split: str, transforms: Optional[dict] = None, seed: Seed = 0,
+                 num_points: NumPoints = 1024, train_size: NumItems = 2400, val_size: NumItems = 480,
+                 test_size: NumItems = 1200, classes: Optional[list] = None, noise: float = 0.01,
                  anisotropy: float = 0.2, occlusion: float = 0.5, max_occluded: float = 0.3,
                  rotation: Literal["so3", "up", "none"] = "so3") -> None:
         super().__init__(split, transforms, seed)

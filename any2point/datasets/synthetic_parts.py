@@ -24,7 +24,7 @@ from any2point.datasets.base import PartDataset
 from any2point.datasets.synthetic import (_SPLIT_CODES, _Z_TO_Y, _disc, _normalize, _pick, check_generator_settings,
                                           sample_torus_surface)
 from any2point.datasets.transforms import axis_rotation_matrix, random_rotation_matrix
-from any2point.registry import DATASETS, ConfigError
+from any2point.registry import DATASETS, ConfigError, NumItems, NumPoints, Seed
 
 Sampler = Callable[[np.random.Generator, int], np.ndarray]
 Piece = tuple[int, float, Sampler]
@@ -209,8 +209,8 @@ class SyntheticParts(PartDataset):
 
     injected_args = ("split",)
 
-    def __init__(self, split: str, transforms: Optional[dict] = None, seed: int = 0, num_points: int = 512,
-                 train_size: int = 1200, val_size: int = 240, test_size: int = 600,
+    def __init__(self, split: str, transforms: Optional[dict] = None, seed: Seed = 0, num_points: NumPoints = 512,
+                 train_size: NumItems = 1200, val_size: NumItems = 240, test_size: NumItems = 600,
                  categories: Optional[list] = None, noise: float = 0.005, anisotropy: float = 0.15,
                  rotation: Literal["none", "up", "so3"] = "none") -> None:
         super().__init__(split, transforms, seed)

@@ -148,4 +148,9 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first})") from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not an any2point checkpoint (no 'model' entry)")
+    if not isinstance(obj["model"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["model"].values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a mapping of names to tensors")
+    if not isinstance(obj.get("config"), dict):
+        raise CheckpointError(f"{path} is not an any2point checkpoint (no 'config' entry: the config it was "
+                              f"trained with)")
     return obj

@@ -52,25 +52,25 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = "results.json"
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "train.device") -> torch.device:
     """``auto`` -> this rank's GPU when CUDA is available, else the CPU; a device this machine
-    does not have is a :class:`ConfigError`."""
+    does not have is a :class:`ConfigError` naming ``key`` (the config key or the flag that asked)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device='{name}' is not a device name (auto, cpu, cuda, cuda:N)") from None
+        raise ConfigError(f"{key}='{name}' is not a device name (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name} but CUDA is not available on this machine; "
-                              f"use train.device=cpu or train.device=auto")
+            raise ConfigError(f"{key}={name} but CUDA is not available on this machine; "
+                              f"use {key}=cpu or {key}=auto")
         if device.index is None:
             device = torch.device("cuda", distributed.local_rank())
         if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"{key}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise ConfigError(f"train.device={name}: only auto, cpu and cuda devices are supported")
+        raise ConfigError(f"{key}={name}: only auto, cpu and cuda devices are supported")
     return device
 
 

@@ -7,12 +7,13 @@ The schedule is stepped once per iteration.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from any2point.registry import OPTIMIZERS, SCHEDULERS, ConfigError, build_from_cfg
+from any2point.registry import (OPTIMIZERS, SCHEDULERS, ConfigError, Fraction, NonNegativeFloat, NonNegativeInt,
+                                PositiveFloat, Range, build_from_cfg)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -31,14 +32,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 @OPTIMIZERS.register(name="AdamW")
-def adamw(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05,
-          betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+def adamw(model: nn.Module, lr: PositiveFloat = 5e-4, weight_decay: NonNegativeFloat = 0.05,
+          betas: Sequence[Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.999),
+          eps: PositiveFloat = 1e-8) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, without weight decay on 1-D parameters and biases."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
 
 
 @OPTIMIZERS.register(name="SGD")
-def sgd(model: nn.Module, lr: float = 0.1, weight_decay: float = 1e-4, momentum: float = 0.9,
+def sgd(model: nn.Module, lr: PositiveFloat = 0.1, weight_decay: NonNegativeFloat = 1e-4, momentum: Fraction = 0.9,
         nesterov: bool = False) -> torch.optim.Optimizer:
     """SGD with momentum over the trainable parameters (same decay split as AdamW)."""
     return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
@@ -60,8 +62,8 @@ def cosine_warmup_factor(step: int, total_steps: int, warmup_steps: int, base_lr
 
 @SCHEDULERS.register(name="CosineWarmup")
 def cosine_warmup(optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int,
-                  warmup_epochs: int = 10, min_lr: float = 1e-6,
-                  warmup_start_lr: float = 1e-6) -> torch.optim.lr_scheduler.LambdaLR:
+                  warmup_epochs: NonNegativeInt = 10, min_lr: NonNegativeFloat = 1e-6,
+                  warmup_start_lr: NonNegativeFloat = 1e-6) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration cosine schedule with linear warm-up (epochs are converted to iterations)."""
     if warmup_epochs < 0 or warmup_epochs > epochs:
         raise ConfigError(f"scheduler.warmup_epochs must be in [0, train.epochs={epochs}], got {warmup_epochs}")

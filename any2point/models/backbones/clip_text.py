@@ -11,8 +11,6 @@ reproduces that for loading released checkpoints and ablations.
 from __future__ import annotations
 
 import re
-import warnings
-import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -24,6 +22,7 @@ from torch import Tensor
 
 from any2point.models.backbones.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              read_state_dict, residual, single)
+from any2point.models.backbones.torchscript_archive import is_torchscript_archive, read_torchscript_state_dict
 from any2point.registry import MODELS, ConfigError
 
 WEIGHTS_SOURCE = ("OpenAI (https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84"
@@ -44,21 +43,11 @@ _UNUSED_EXACT = frozenset({
 _UNUSED_PREFIX = "visual."     # the image tower
 
 
-def is_torchscript_archive(path: str | Path) -> bool:
-    """True for a TorchScript archive (OpenAI's released CLIP files), False for a ``torch.save`` file."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
-
-
 def read_clip_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of an OpenAI TorchScript CLIP file or of an open_clip checkpoint (``module.``
-    prefixes of distributed training removed)."""
+    """The tensors of an OpenAI TorchScript CLIP file (read as data: none of its code runs) or of an
+    open_clip checkpoint (``module.`` prefixes of distributed training removed)."""
     if is_torchscript_archive(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI ships it
-            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        state = read_torchscript_state_dict(path, "CLIP weights")
     else:
         state = read_state_dict(path, "CLIP weights")
     if state and all(k.startswith("module.") for k in state):
