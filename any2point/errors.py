@@ -15,7 +15,8 @@ from typing import Callable, Optional
 USER_ERRNOS = {errno.ENOENT: "not found", errno.ENOSPC: "no space left on device",
                errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory"}
+               errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory",
+               errno.EFBIG: "file too large (over the file size limit)"}
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "ANY2POINT_DEBUG"
 
@@ -26,6 +27,10 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model or the experiment."""
+
+
+class DivergenceError(UserError):
+    """Training produced a non-finite loss, gradient or weight (a learning rate too high, bad inputs)."""
 
 
 class ExperimentError(UserError):
