@@ -347,8 +347,10 @@ def render_terminal(text: str) -> list[str]:
     return lines
 
 
-def test_an_error_in_the_loop_gets_its_own_line_on_a_terminal(tmp_path: Path) -> None:
-    cfg_path = tiny_config(tmp_path, "bar", train={"epochs": 1})
+def test_a_data_error_in_a_worker_gets_its_own_line_on_a_terminal(tmp_path: Path) -> None:
+    """A damaged sample read in a DataLoader worker: the bar is cleared first, the error is one line
+    (not the worker's traceback torch wraps it in), and nothing is drawn after it."""
+    cfg_path = tiny_config(tmp_path, "bar", train={"epochs": 1, "num_workers": 1})
     script = textwrap.dedent("""
         import sys
         from any2point.datasets.io import DataError
@@ -358,7 +360,7 @@ def test_an_error_in_the_loop_gets_its_own_line_on_a_terminal(tmp_path: Path) ->
 
         real_item, real_epoch = SyntheticShapes.__getitem__, Trainer.train_epoch
 
-        def broken(self, index, calls=[0]):  # the second batch of training fails
+        def broken(self, index, calls=[0]):  # the second batch of training holds a damaged sample
             calls[0] += 1
             if calls[0] > 20:
                 raise DataError(f"sample {index}: damaged")
@@ -391,7 +393,7 @@ def test_an_error_in_the_loop_gets_its_own_line_on_a_terminal(tmp_path: Path) ->
     assert "epoch 1/1" in text  # the bar was drawn
     lines = [line for line in render_terminal(text) if line]
     errors = [i for i, line in enumerate(lines) if "error:" in line]
-    assert len(errors) == 1 and lines[errors[0]].startswith("error: sample"), lines[-5:]
+    assert len(errors) == 1 and re.fullmatch(r"error: sample \d+: damaged", lines[errors[0]]), lines[-5:]
     assert errors[0] == len(lines) - 1, lines[-5:]  # nothing drawn after it
 
 
