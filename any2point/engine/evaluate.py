@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from any2point.config import validate
+from any2point.config import config_changes, validate
 from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
 from any2point.engine.log import setup_logging
@@ -142,15 +142,17 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.dev
     model.eval()
     passes = getattr(loader.dataset, "passes", 1)
     voted, single = task.meter(device), [task.meter(device) for _ in range(passes if passes > 1 else 0)]
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if distributed.is_main() else True):
-        batches = batch if isinstance(batch, list) else [batch]
-        outputs = []
-        for b in batches:
-            with autocast(device, amp):
-                outputs.append(task.forward(model, b, device).float())
-        for meter, out, b in zip(single, outputs, batches):
-            meter.add(out, b)
-        voted.add(task.combine(outputs, batches), batches[0])
+    # the bar is closed (its line cleared) before an error propagates: the error gets a line of its own
+    with tqdm(loader, desc=desc, leave=False, disable=None if distributed.is_main() else True) as bar:
+        for batch in bar:
+            batches = batch if isinstance(batch, list) else [batch]
+            outputs = []
+            for b in batches:
+                with autocast(device, amp):
+                    outputs.append(task.forward(model, b, device).float())
+            for meter, out, b in zip(single, outputs, batches):
+                meter.add(out, b)
+            voted.add(task.combine(outputs, batches), batches[0])
     metrics = voted.compute()
     metrics.pass_scores = [task.score(m.compute()) for m in single]
     return metrics
@@ -220,21 +222,47 @@ def write_results(record: dict[str, Any], path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
+#: Model keys that may differ from the checkpoint's: where the source weights are read from (their
+#: identity, the sha256, is checked by :func:`check_source`).
+MODEL_LOCATION_KEYS = ("model.source.pretrained",)
+
+
 def load_model(ckpt_path: str | Path, cfg: Optional[DictConfig] = None, device: Optional[torch.device] = None,
-               ignore_source_mismatch: bool = False) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
+               ignore_source_mismatch: bool = False,
+               allow_model_change: bool = False) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
     """The model of a checkpoint, in eval mode: built from ``cfg`` (default: the checkpoint's own
     config) with the run's init seed (so a frozen randomly initialised source is the one it trained
-    with), its source checked against the saved identity, its trainable state loaded strictly."""
+    with), its source checked against the saved identity, its trainable state loaded strictly.
+    A ``cfg`` whose model section differs from the checkpoint's is refused, naming the keys (the
+    weights could load into another model and give a wrong number), unless ``allow_model_change``."""
     ckpt = checkpoint.load(ckpt_path)
     if cfg is None:
         cfg = OmegaConf.create(ckpt["config"])
         validate(cfg)
+    else:
+        check_model_config(ckpt, cfg, ckpt_path, allow_model_change)
     device = device or pick_device(cfg.train.device)
     seed_globals(run_seeds(cfg.experiment)["init"])
     model = build_model(cfg.model).to(device)
     check_source(ckpt.get("source"), model, ckpt_path, ignore_source_mismatch)
     checkpoint.load_trainable_state_dict(model, ckpt["model"], str(ckpt_path))
     return model.eval(), cfg, ckpt
+
+
+def check_model_config(ckpt: dict[str, Any], cfg: DictConfig, ckpt_path: str | Path, allow: bool) -> None:
+    """Refuse (or with ``allow``, warn about) a ``cfg.model`` that differs from the checkpoint's."""
+    saved = (ckpt.get("config") or {}).get("model")
+    if saved is None:
+        return
+    changes = [c for c in config_changes({"model": saved}, {"model": OmegaConf.to_container(cfg.model, resolve=True)})
+               if c.split(":", 1)[0] not in MODEL_LOCATION_KEYS]
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if not allow:
+        raise ConfigError(f"the model config differs from the one {ckpt_path} was trained with: {listed}. Test with "
+                          f"the checkpoint's model settings, or pass --allow-config-change to test it anyway")
+    logger.warning("testing %s with a changed model config (--allow-config-change): %s", ckpt_path, listed)
 
 
 def _describe_source(identity: dict[str, Any]) -> str:
@@ -274,14 +302,15 @@ def log_test(m: Metrics | SegmentationMetrics, class_names: list[str], votes: in
 
 
 def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, vote_seed: int = 0,
-                        results: str = RESULTS, ignore_source_mismatch: bool = False) -> Metrics | SegmentationMetrics:
+                        results: str = RESULTS, ignore_source_mismatch: bool = False,
+                        allow_model_change: bool = False) -> Metrics | SegmentationMetrics:
     """Test a checkpoint on the test split of ``cfg``'s dataset, with ``vote``-pass voting when
     ``vote > 1``; log the number with its voting and write ``results`` next to the checkpoint.
-    ``ignore_source_mismatch``: see :func:`check_source`."""
+    ``ignore_source_mismatch``: see :func:`check_source`; ``allow_model_change``: see :func:`load_model`."""
     device = pick_device(cfg.train.device)
     distributed.init(device)
     setup_logging()
-    model, cfg, ckpt = load_model(ckpt_path, cfg, device, ignore_source_mismatch)
+    model, cfg, ckpt = load_model(ckpt_path, cfg, device, ignore_source_mismatch, allow_model_change)
     world = distributed.world_size()
     test = (voting_dataset(cfg.dataset, "test", vote, vote_seed) if vote > 1
             else build_dataset(cfg.dataset, "test"))
