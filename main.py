@@ -29,7 +29,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="empty the experiment folder first if it holds anything (an earlier run is lost)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue under a config that differs from the checkpoint's (the "
-                        "differences are logged and recorded in config.yaml)")
+                        "differences are logged and recorded in config.yaml); with --test: test a checkpoint "
+                        "with a model config that differs from its own (a warning names the keys)")
     p.add_argument("--ignore-source-mismatch", action="store_true",
                    help="use a checkpoint with other source weights than it was trained with (a warning)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
@@ -46,9 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--test needs --ckpt PATH")
     if args.ckpt and not args.test:
         p.error("--ckpt is only read with --test; to continue training use --resume or --resume-from PATH")
-    if args.test and (resuming or args.overwrite or args.allow_config_change):
-        p.error("--test evaluates a checkpoint; --resume, --resume-from, --overwrite and --allow-config-change "
-                "are training flags")
+    if args.test and (resuming or args.overwrite):
+        p.error("--test evaluates a checkpoint; --resume, --resume-from and --overwrite are training flags")
     if not args.test and not args.config:
         p.error("--config is required for training")
     if not args.test and (args.vote != 1 or args.vote_seed or args.results != "results.json"):
@@ -59,8 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--results is a file name ending in .json (it is written next to the checkpoint)")
     if resuming and args.overwrite:
         p.error("--overwrite empties the experiment folder, so there is nothing left to --resume")
-    if args.allow_config_change and not resuming:
-        p.error("--allow-config-change only applies with --resume or --resume-from")
+    if args.allow_config_change and not (resuming or args.test):
+        p.error("--allow-config-change only applies with --resume, --resume-from or --test")
     return args
 
 
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> None:
             cfg = config_from_dict(checkpoint.load(args.ckpt)["config"], args.overrides)
         if args.test:
             evaluate_checkpoint(cfg, args.ckpt, args.vote, args.vote_seed, args.results,
-                                ignore_source_mismatch=args.ignore_source_mismatch)
+                                ignore_source_mismatch=args.ignore_source_mismatch,
+                                allow_model_change=args.allow_config_change)
         else:
             Trainer(cfg, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite,
                     allow_config_change=args.allow_config_change,

@@ -104,17 +104,11 @@ class ExperimentConfig:
     name: str = "default"
     output_dir: str = "experiments"
     seed: Seed = 0
-    init_seed: Optional[int] = None
-    order_seed: Optional[int] = None
-    augment_seed: Optional[int] = None
-    dropout_seed: Optional[int] = None
+    init_seed: Optional[Seed] = None
+    order_seed: Optional[Seed] = None
+    augment_seed: Optional[Seed] = None
+    dropout_seed: Optional[Seed] = None
     deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        for key in ("init_seed", "order_seed", "augment_seed", "dropout_seed"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise FieldError(key, f"must be >= 0 (or null: derived from experiment.seed), got {value}")
 
 
 @dataclass

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from typing import Callable, Optional
 
 USER_ERRNOS = {errno.ENOENT: "not found", errno.ENOSPC: "no space left on device",
                errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory"}
+               errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory",
+               errno.EFBIG: "file too large (over the file size limit)"}
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "ANY2POINT_DEBUG"
 
@@ -26,6 +28,10 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model or the experiment."""
+
+
+class DivergenceError(UserError):
+    """Training produced a non-finite loss, gradient or weight (a learning rate too high, bad inputs)."""
 
 
 class ExperimentError(UserError):
@@ -63,12 +69,23 @@ def describe_os_error(exc: OSError, path: object = None) -> str:
     return f"{what}: {target}" if target is not None else what
 
 
+def _without_worker_traceback(exc: BaseException) -> str:
+    """The message of ``exc``; for an error torch re-raised from a DataLoader worker, whose message
+    is the worker's traceback ("Caught X in DataLoader worker process N. Original Traceback ..."),
+    the original message at its end."""
+    message = str(exc)
+    if not re.match(r"Caught \w+ in DataLoader worker process \d+\.", message):
+        return message
+    raised = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ", message, re.MULTILINE))
+    return message[raised[-1].end():].strip() if raised else message
+
+
 def user_message(exc: BaseException) -> Optional[str]:
     """The one-line message for a user error; ``None`` for anything else (a bug)."""
     if isinstance(exc, UserError):
-        return str(exc)
+        return _without_worker_traceback(exc)
     if isinstance(exc, FileNotFoundError) and exc.errno is None:  # raised by any2point, with its own message
-        return str(exc)
+        return _without_worker_traceback(exc)
     if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
         return describe_os_error(exc)
     return None

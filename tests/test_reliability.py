@@ -93,9 +93,14 @@ def test_corrupt_truncated_and_mismatched_checkpoints_are_one_line_errors(tmp_pa
         assert code == 2, name
         assert not [w for w in caught if "pickle protocol" in str(w.message)], name  # no warning on top of the error
         assert_one_line_error(err, str(tmp_path / name), "not a readable checkpoint")
-    # a checkpoint of another model: the keys are named
+    # a checkpoint of another model: the changed config keys are named, and if the change is allowed,
+    # the state keys that do not fit
     code, err = run_main(capsys, "--config", str(cfg_path), "--test", "--ckpt", str(exp / BEST),
                          "model.widths=[16,32,64]")
+    assert code == 2
+    assert_one_line_error(err, str(exp / BEST), "model.widths: [16, 32] -> [16, 32, 64]")
+    code, err = run_main(capsys, "--config", str(cfg_path), "--test", "--ckpt", str(exp / BEST),
+                         "model.widths=[16,32,64]", "--allow-config-change")
     assert code == 2
     assert_one_line_error(err, str(exp / BEST), "does not match the model", "missing keys")
 
@@ -163,9 +168,11 @@ def test_used_folder_is_refused_unless_overwritten_and_temporaries_are_cleared(t
     cfg_path = tiny_config(tmp_path, "used", train={"epochs": 2})
     exp = tmp_path / "exp/used"
     exp.mkdir(parents=True)
-    (exp / "log.txt").write_text("an earlier start that failed\n")
-    with pytest.raises(ExperimentError, match=r"not empty \(log.txt\).*--overwrite"):
+    (exp / "notes.txt").write_text("not written by a run\n")
+    with pytest.raises(ExperimentError, match=r"not empty \(notes.txt\).*--overwrite"):
         Trainer(load_config(cfg_path))
+    (exp / "notes.txt").unlink()
+    (exp / "log.txt").write_text("an earlier start that failed\n")
     assert Trainer(load_config(cfg_path), overwrite=True).fit(stop_after=1) is None
     assert "an earlier start" not in (exp / "log.txt").read_text()
     stale = exp / f".{LAST}.k1ll3d.tmp"

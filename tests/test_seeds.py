@@ -149,15 +149,15 @@ def test_results_record_every_seed(tmp_path: Path, one_thread) -> None:
 
 def test_negative_pin_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = config(tmp_path, "bad", dropout_seed=-1)
-    with pytest.raises(ConfigError, match=r"experiment.dropout_seed must be >= 0 .*bad.yaml"):
+    with pytest.raises(ConfigError, match=r"experiment.dropout_seed must be in \[0, 4294967295\].*bad.yaml"):
         load_config(path)
     assert entry.main(["--config", str(path)]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: experiment.dropout_seed must be >= 0")
+    assert capsys.readouterr().err.strip().startswith("error: experiment.dropout_seed must be in [0, 4294967295]")
 
 
 def test_a_checkpoints_model_is_rebuilt_with_its_init_seed(tmp_path: Path, one_thread) -> None:
     """A frozen source at random init is not in the checkpoint: testing rebuilds the trained one."""
-    from any2point.engine.evaluate import load_model
+    from any2point.engine.loading import load_model
     from any2point.engine.trainer import LAST
 
     bert = {"type": "HFEncoderSource", "pretrained": None, "cls_token_id": 1,

@@ -504,7 +504,7 @@ def comparison_model(path: Path) -> tuple[nn.Module, Any]:
     """The model of a checkpoint (trained), or of a config (as its training would start: built with
     the config's init seed), in eval mode on the CPU, and its config."""
     if path.suffix not in CONFIG_SUFFIXES:
-        from any2point.engine.evaluate import load_model
+        from any2point.engine.loading import load_model
 
         model, cfg, _ = load_model(path, device=torch.device("cpu"))
         return model, cfg

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Optional
 
 import torch
 import torch.nn as nn
@@ -92,9 +92,29 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
                         f"tensors, numbers, strings, lists and dicts")
 
 
+class _KeepWriteError:
+    """A binary file that keeps the error of a failed write: torch's zip writer replaces it with a
+    ``RuntimeError`` ("enforce fail at inline_container.cc") that hides the cause (a full disk)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``; the
-    temporary file is removed if the write fails (a full disk, a read-only folder)."""
+    temporary file is removed if the write fails (a full disk, a read-only folder), and the error
+    names the cause and ``path`` (the previous file at ``path`` is intact)."""
     check_plain(obj)
     path = Path(path)
     tmp = None
@@ -102,7 +122,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            out = _KeepWriteError(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

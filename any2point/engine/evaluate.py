@@ -106,15 +106,17 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.dev
     model.eval()
     passes = getattr(loader.dataset, "passes", 1)
     voted, single = task.meter(device), [task.meter(device) for _ in range(passes if passes > 1 else 0)]
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if distributed.is_main() else True):
-        batches = batch if isinstance(batch, list) else [batch]
-        outputs = []
-        for b in batches:
-            with autocast(device, amp):
-                outputs.append(task.forward(model, b, device).float())
-        for meter, out, b in zip(single, outputs, batches):
-            meter.add(out, b)
-        voted.add(task.combine(outputs, batches), batches[0])
+    # the bar is closed (its line cleared) before an error propagates: the error gets a line of its own
+    with tqdm(loader, desc=desc, leave=False, disable=None if distributed.is_main() else True) as bar:
+        for batch in bar:
+            batches = batch if isinstance(batch, list) else [batch]
+            outputs = []
+            for b in batches:
+                with autocast(device, amp):
+                    outputs.append(task.forward(model, b, device).float())
+            for meter, out, b in zip(single, outputs, batches):
+                meter.add(out, b)
+            voted.add(task.combine(outputs, batches), batches[0])
     metrics = voted.compute()
     metrics.pass_scores = [task.score(m.compute()) for m in single]
     return metrics
@@ -131,14 +133,15 @@ def log_test(m: Metrics | SegmentationMetrics, class_names: list[str], votes: in
 
 
 def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, vote_seed: int = 0,
-                        results: str = RESULTS, ignore_source_mismatch: bool = False) -> Metrics | SegmentationMetrics:
+                        results: str = RESULTS, ignore_source_mismatch: bool = False,
+                        allow_model_change: bool = False) -> Metrics | SegmentationMetrics:
     """Test a checkpoint on the test split of ``cfg``'s dataset, with ``vote``-pass voting when
     ``vote > 1``; log the number with its voting and write ``results`` next to the checkpoint.
-    ``ignore_source_mismatch``: see :func:`check_source`."""
+    ``ignore_source_mismatch``: see :func:`check_source`; ``allow_model_change``: see :func:`load_model`."""
     device = pick_device(cfg.train.device)
     distributed.init(device)
     setup_logging()
-    model, cfg, ckpt = load_model(ckpt_path, cfg, device, ignore_source_mismatch)
+    model, cfg, ckpt = load_model(ckpt_path, cfg, device, ignore_source_mismatch, allow_model_change)
     world = distributed.world_size()
     test = (voting_dataset(cfg.dataset, "test", vote, vote_seed) if vote > 1
             else build_dataset(cfg.dataset, "test"))

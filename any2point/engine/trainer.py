@@ -32,16 +32,16 @@ from any2point.config import config_changes, read_history, save_config
 from any2point.datasets import PointDataset, build_dataset
 from any2point.engine import checkpoint, distributed
 from any2point.engine.evaluate import eval_loader, evaluate, log_test
+from any2point.engine.experiment import claim, experiment_folder, without_location
 from any2point.engine.loading import check_source
 from any2point.engine.records import RESULTS, results_record, write_results
 from any2point.engine.runtime import autocast, pick_device
-from any2point.engine.experiment import claim
 from any2point.engine.log import ScalarWriter, setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
 from any2point.engine.seeds import derive_seed, describe_seeds, run_seeds, seed_globals
 from any2point.engine.tasks import build_task
-from any2point.errors import CheckpointError, ConfigError, ExperimentError
+from any2point.errors import CheckpointError, ConfigError, DivergenceError, ExperimentError
 from any2point.models import build_model
 from any2point.utils.cpu_memory import keep_freed_memory, release_freed_memory
 
@@ -132,7 +132,7 @@ class Trainer:
         distributed.init(self.device)
         if self.device.type == "cpu" and t.keep_freed_memory:
             keep_freed_memory()
-        self.exp_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
+        self.exp_dir = experiment_folder(cfg.experiment)
         if resume and resume_from is None and not (self.exp_dir / LAST).is_file():
             raise ExperimentError(f"--resume: no checkpoint to resume from at {self.exp_dir / LAST}")
         self.lock = claim(self.exp_dir, resume, overwrite, LAST) if distributed.is_main() else None
@@ -188,6 +188,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.start_epoch, self.best_score, self.best_epoch = 0, -1.0, -1
         self.hooks = [LRSchedule(), Validation(), Checkpoints(), EpochLog()]
+        self.resumed_from = resumed[0] if resumed is not None else None
         if resumed is not None:
             self._resume(*resumed)
         if distributed.is_main():
@@ -241,7 +242,9 @@ class Trainer:
         """The config.yaml history for this resume; a changed config is an error unless ``allow``."""
         path, ckpt = resumed
         history = read_history(self.exp_dir / "config.yaml")
-        changes = config_changes(ckpt["config"], OmegaConf.to_container(self.cfg, resolve=True))
+        # where a run is kept is not part of what it computes: a moved or renamed folder resumes
+        changes = config_changes(without_location(ckpt["config"]),
+                                 without_location(OmegaConf.to_container(self.cfg, resolve=True)))
         if not changes:
             return history
         listed = "; ".join(changes)
@@ -299,7 +302,9 @@ class Trainer:
             self.close()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One epoch of optimizer steps; returns the mean loss, the accuracy and the last LR."""
+        """One epoch of optimizer steps; returns the mean loss, the accuracy and the last LR. A
+        non-finite loss or gradient norm, or non-finite weights after the epoch, raise
+        :class:`DivergenceError` before anything of the epoch is evaluated or saved."""
         t = self.cfg.train
         self.net.train()
         self.train_set.set_epoch(epoch)
@@ -307,28 +312,58 @@ class Trainer:
         seed_workers(self.train_loader, self.seeds["augment"], epoch)
         meter = self.task.meter(self.device)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, samples
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
-                   disable=None if distributed.is_main() else True)
-        # No host-device synchronisation per step: the loss is summed on the device, and the bar
-        # (shown on a terminal only) reads it every POSTFIX_EVERY steps.
-        for step, batch in enumerate(bar):
-            with autocast(self.device, t.amp):
-                outputs = self.task.forward(self.net, batch, self.device)
-            loss = self.task.loss(outputs, batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-            self.optimizer.step()
-            self.call("after_step")
-            meter.add(outputs.detach(), batch)
-            totals[0] += loss.detach().double() * len(outputs)
-            totals[1] += len(outputs)
-            if not bar.disable and step % POSTFIX_EVERY == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
+        # No host-device synchronisation per step: the loss is summed and checked on the device, and the
+        # bar (shown on a terminal only) reads it every POSTFIX_EVERY steps. The bar is closed (its line
+        # cleared) before an error propagates, so the error is printed on a line of its own.
+        with tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
+                  disable=None if distributed.is_main() else True) as bar:
+            for step, batch in enumerate(bar):
+                with autocast(self.device, t.amp):
+                    outputs = self.task.forward(self.net, batch, self.device)
+                loss = self.task.loss(outputs, batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                finite = torch.isfinite(loss.detach())
+                if t.grad_clip:
+                    finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip))
+                first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
+                self.optimizer.step()
+                self.call("after_step")
+                meter.add(outputs.detach(), batch)
+                totals[0] += loss.detach().double() * len(outputs)
+                totals[1] += len(outputs)
+                if not bar.disable and step % POSTFIX_EVERY == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        self._check_finite(epoch, first_bad, len(self.train_loader))
         loss_sum, count = distributed.all_reduce_sum(totals).tolist()
         return {"loss": loss_sum / count, self.task.score_name: self.task.score(meter.compute()),
                 "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _check_finite(self, epoch: int, first_bad: torch.Tensor, steps: int) -> None:
+        """Raise :class:`DivergenceError` (on every process) if a step of the epoch had a non-finite
+        loss or gradient norm, or a trainable weight is non-finite now; ``ckpt-last.pth`` then still
+        holds the previous epoch."""
+        bad_weights = sum((~torch.isfinite(p.detach())).any() for p in self.params)
+        flags = torch.stack([(first_bad >= 0).double(), torch.as_tensor(bad_weights, device=self.device).double()])
+        bad_steps, bad_weights = distributed.all_reduce_sum(flags).tolist()
+        if not bad_steps and not bad_weights:
+            return
+        step = int(first_bad)
+        where = (f"step {step + 1} of {steps}: the loss or the gradient norm is not finite" if step >= 0 else
+                 "its last step: a weight is not finite" if bad_weights and not bad_steps else
+                 "a step on another process: the loss or the gradient norm is not finite")
+        last, source = self.exp_dir / LAST, self.resumed_from
+        if epoch > self.start_epoch or (source is not None and source.resolve() == last.resolve()):
+            kept = f"{last} holds epoch {epoch}: continue with --resume --allow-config-change"
+        elif source is not None:
+            kept = f"{source} is unchanged: continue with --resume-from {source} --allow-config-change"
+        else:
+            kept = "no checkpoint was written: start again"
+        kept += " and a lower optimizer.lr"
+        raise DivergenceError(f"training diverged in epoch {epoch + 1}, {where} (optimizer.lr="
+                              f"{self.cfg.optimizer.get('lr')} is likely too high, or the inputs hold NaN or inf); "
+                              f"nothing of this epoch was evaluated or saved; {kept}")
 
     def final_test(self) -> Metrics | SegmentationMetrics:
         """Evaluate the best checkpoint on the test split once; log it with its protocol and write
