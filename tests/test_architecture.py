@@ -114,3 +114,19 @@ def test_a_checkpoint_written_before_the_layout_by_method_gives_the_same_logits(
     checkpoint.load_trainable_state_dict(model, ckpt["model"], run)
     with torch.no_grad():
         torch.testing.assert_close(model(expected["points"]), expected[run], rtol=0, atol=1e-6)
+
+
+def test_datasets_declare_registered_tasks_and_an_unknown_one_is_named() -> None:
+    from any2point.datasets import DATASETS
+    from any2point.engine.tasks import build_task
+    from any2point.errors import ConfigError
+    from any2point.registry import TASKS
+
+    assert {DATASETS.get(name).task for name in DATASETS.names()} <= set(TASKS.names())
+
+    class Odd:
+        task = "depth_estimation"
+
+    with pytest.raises(ConfigError, match=r"declares task 'depth_estimation'; registered tasks: classification, "
+                                          r"part_segmentation"):
+        build_task(Odd())

@@ -36,8 +36,6 @@ from any2point.paper import PaperResult, match_group, render_markdown, table_res
 
 SEED_SUFFIX = re.compile(r"[-_.]seed\d+$")
 MISSING = object()
-#: The two metrics tabulated for each task (records without a task are classification runs).
-TASK_METRICS = {"classification": ("OA", "mAcc"), "part_segmentation": ("instance_mIoU", "class_mIoU")}
 
 
 def find_results(paths: Sequence[str], name: str) -> list[Path]:
@@ -108,18 +106,25 @@ def fmt(mean: float, std: Optional[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
+#: What a table of classification runs shows (the default of the functions below).
+CLASSIFICATION_METRICS = ("OA", "mAcc")
+
+
 def task_metrics(records: list[dict[str, Any]]) -> tuple[str, str]:
     """The two metrics of the records' task; runs of different tasks do not share a table."""
     tasks = sorted({r.get("task") or "classification" for r in records})
     if len(tasks) > 1:
         raise UserError(f"the results mix tasks ({', '.join(tasks)}); tabulate each task's runs separately")
-    if tasks[0] not in TASK_METRICS:
-        raise UserError(f"{records[0]['_path']}: unknown task '{tasks[0]}'")
-    return TASK_METRICS[tasks[0]]
+    import any2point.engine.tasks  # noqa: F401  (registers the tasks)
+    from any2point.registry import TASKS
+
+    if tasks[0] not in TASKS:
+        raise UserError(f"{records[0]['_path']}: unknown task '{tasks[0]}' (known: {', '.join(TASKS.names())})")
+    return TASKS.get(tasks[0]).table_metrics
 
 
 def summarize(records: list[dict[str, Any]], keys: Sequence[str], references: dict[str, float],
-              metrics: Sequence[str] = TASK_METRICS["classification"]) -> list[dict[str, Any]]:
+              metrics: Sequence[str] = CLASSIFICATION_METRICS) -> list[dict[str, Any]]:
     """One row per group, in order of first appearance."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -145,7 +150,7 @@ def summarize(records: list[dict[str, Any]], keys: Sequence[str], references: di
 
 
 def markdown(rows: list[dict[str, Any]], with_reference: bool,
-             metrics: Sequence[str] = TASK_METRICS["classification"]) -> str:
+             metrics: Sequence[str] = CLASSIFICATION_METRICS) -> str:
     head = ["group", "runs", "seeds", *metrics, "voting", "configs"]
     if with_reference:
         head += [f"reference {metrics[0]}", "Δ"]
@@ -160,7 +165,7 @@ def markdown(rows: list[dict[str, Any]], with_reference: bool,
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path, metrics: Sequence[str] = TASK_METRICS["classification"]) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, metrics: Sequence[str] = CLASSIFICATION_METRICS) -> None:
     fields = ["group", "runs", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "voting", "configs",
               "reference", "delta"]
     path.parent.mkdir(parents=True, exist_ok=True)

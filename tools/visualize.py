@@ -55,14 +55,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
+import any2point.engine.tasks  # noqa: E402,F401  (registers the tasks)
 from any2point.errors import UserError, run_cli  # noqa: E402
+from any2point.registry import TASKS  # noqa: E402
 
 FIGURES = ("confusion", "per_class", "curves", "attention", "clusters", "pe", "parts")
 COMPARE_FILE = "clusters_compare.png"
 CONFIG_SUFFIXES = (".yaml", ".yml")  # a --compare entry with one of these is a config, else a checkpoint
 MODEL_FIGURES = ("attention", "clusters", "pe")
-#: Figures of one task only; ``all`` leaves out the other task's.
-TASK_FIGURES = {"classification": ("confusion",), "part_segmentation": ("parts",)}
 
 
 # ------------------------------------------------------------------------------------ hooks on the model
@@ -261,10 +261,12 @@ def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
     return _save(fig, path)
 
 
-def plot_per_class(per_class: dict[str, Optional[float]], path: Path, segmentation: bool = False) -> Path:
+def plot_per_class(per_class: dict[str, Optional[float]], path: Path,
+                   words: tuple[str, str, str] = ("accuracy", "mAcc", "class")) -> Path:
+    """Bars of a metric per class; ``words``: the metric, its mean and what a class is (the task's)."""
     names = list(per_class)
     values = [np.nan if v is None else v for v in per_class.values()]
-    what, mean = ("mIoU", "class mIoU") if segmentation else ("accuracy", "mAcc")
+    what, mean, kind = words
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 4))
     ax.bar(range(len(names)), values, color="tab:blue")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
@@ -272,7 +274,7 @@ def plot_per_class(per_class: dict[str, Optional[float]], path: Path, segmentati
     ax.set_ylabel(f"{what} (%)")
     ax.axhline(np.nanmean(values), color="tab:red", linestyle="--", label=f"{mean} {np.nanmean(values):.1f}")
     ax.legend()
-    ax.set_title(f"per-{'category' if segmentation else 'class'} {what} (test)")
+    ax.set_title(f"per-{kind} {what} (test)")
     return _save(fig, path)
 
 
@@ -458,7 +460,7 @@ def draw(figures: Sequence[str], out: Path, ckpt: Optional[Path] = None, exp: Op
             written.append(plot_confusion(record["confusion"], record["class_names"], out / "confusion.png"))
         if "per_class" in figures:
             written.append(plot_per_class(record["per_class"], out / "per_class.png",
-                                          record.get("task") == "part_segmentation"))
+                                          task_type(record.get("task") or "classification").per_class_words))
     if "curves" in figures:
         written.append(plot_curves(read_curves(exp or ckpt.parent), out / "curves.png"))
     if any(f in figures for f in MODEL_FIGURES):
@@ -556,6 +558,13 @@ def draw_parts(ckpt: Path, sample: int, path: Path) -> Path:
                       test.class_names[item["label"]], path)
 
 
+def task_type(name: str) -> Any:
+    """The registered task class of that name (a results file or checkpoint of an unknown task is an error)."""
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}' (known: {', '.join(TASKS.names())})")
+    return TASKS.get(name)
+
+
 def task_of(ckpt: Path) -> str:
     """The task a checkpoint was trained for (``classification`` for one that does not say)."""
     from any2point.engine import checkpoint
@@ -597,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         chosen = figures
         if args.figures == "all":
             task = task_of(args.ckpt)
-            other = [f for name, only in TASK_FIGURES.items() if name != task for f in only]
+            other = [f for name in TASKS.names() if name != task for f in TASKS.get(name).figures]
             chosen = [f for f in figures if f not in other]
         for path in draw(chosen, out, args.ckpt, args.exp, args.results, args.sample, args.file, args.layer,
                          args.point):

@@ -21,11 +21,18 @@ class Task:
         score_name: the name of :meth:`score` (``OA``, ``instance_mIoU``), in logs, results and
             checkpoints (``best_score``).
         class_names: the dataset's class (or category) names, in label order.
+        table_metrics, figures, per_class_words: what the tools tabulate and draw for the task.
     """
 
     name: str
     score_name: str
     class_names: list[str]
+    #: The two metrics ``tools/collect_results.py`` tabulates per group of runs (keys of results.json).
+    table_metrics: tuple[str, str]
+    #: The figures of ``tools/visualize.py`` that only this task's checkpoints can draw.
+    figures: tuple[str, ...] = ()
+    #: How the per-class figure names what it plots: (the metric, its mean, what a class is).
+    per_class_words: tuple[str, str, str] = ("accuracy", "mAcc", "class")
 
     @classmethod
     def from_dataset(cls, dataset: Any, label_smoothing: float = 0.0) -> "Task":

@@ -30,6 +30,8 @@ class ClassificationTask(Task):
     name = "classification"
     #: The name of :meth:`score`, the number model selection maximises (logs, results, checkpoints).
     score_name = "OA"
+    table_metrics = ("OA", "mAcc")
+    figures = ("confusion",)
 
     def __init__(self, num_classes: int, class_names: Sequence[str] = (), label_smoothing: float = 0.0) -> None:
         self.num_classes = num_classes

@@ -34,6 +34,9 @@ class SegmentationTask(Task):
     name = "part_segmentation"
     #: The name of :meth:`score`, the number model selection maximises (logs, results, checkpoints).
     score_name = "instance_mIoU"
+    table_metrics = ("instance_mIoU", "class_mIoU")
+    figures = ("parts",)
+    per_class_words = ("mIoU", "class mIoU", "category")
 
     def __init__(self, class_names: Sequence[str], category_parts: Sequence[Sequence[int]], num_parts: int,
                  label_smoothing: float = 0.0) -> None:
