@@ -5,8 +5,8 @@ One line per table, row, source and dataset: ``table,row,source,dataset,params_M
 Tables 2-10), ``source`` the source of our configs (empty for the other methods of Table 1),
 ``params_M`` the paper's #P in millions where it gives one, ``accuracy`` its overall accuracy (%).
 
-The run scripts, ``tools/collect_results.py --paper`` and the README's tables all read the numbers
-from here (:func:`load_paper_results`, :func:`match_group`, :func:`render_markdown`), so each is
+The run scripts, ``tools/collect_results.py --paper`` and the tables of docs/scripts_and_tables.md
+all read the numbers from here (:func:`load_paper_results`, :func:`match_group`, :func:`render_markdown`), so each is
 written once.
 """
 from __future__ import annotations
@@ -148,8 +148,8 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def render_markdown() -> str:
-    """The README's tables of the paper's numbers: Any2Point's rows of Tables 1 and 6 with the script
-    that runs each, then Tables 2-10 row by row with the paper's #P and accuracy per source."""
+    """The tables of the paper's numbers (docs/scripts_and_tables.md): Any2Point's rows of Tables 1
+    and 6 with the script that runs each, then Tables 2-10 row by row with the paper's #P and accuracy per source."""
     lines = ["| Table | source | dataset | paper #P (M) | paper OA | run it |", "|---|---|---|---:|---:|---|"]
     for r in load_paper_results():
         if r.table in (1, 6) and r.source:

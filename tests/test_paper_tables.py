@@ -1,8 +1,8 @@
 """The configs under cfgs/paper/ are the paper's Tables 2-10: one per row and source with a number in
 cfgs/paper/paper_results.csv, each differing from the full Any2Point config of its source in exactly
 what the paper's text says the row changes; the data file is read back checked, groups of runs find
-their paper number, the table scripts run every row, the rows' new switches train, and the README
-shows the rendering of the data file."""
+their paper number, the table scripts run every row, the rows' new switches train, and
+docs/scripts_and_tables.md shows the rendering of the data file."""
 from __future__ import annotations
 
 import copy
@@ -147,11 +147,11 @@ def test_a_bad_data_file_is_a_clear_error(tmp_path: Path) -> None:
             load_paper_results.__wrapped__(path)
 
 
-def test_readme_shows_the_rendering_of_the_data_file() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_show_the_rendering_of_the_data_file() -> None:
+    page = (ROOT / "docs/scripts_and_tables.md").read_text()
     start, end = "<!-- paper tables: python tools/collect_results.py --paper-tables -->\n", "<!-- end paper tables -->"
-    assert start in readme and end in readme
-    assert readme.split(start, 1)[1].split(end, 1)[0] == render_markdown()
+    assert start in page and end in page
+    assert page.split(start, 1)[1].split(end, 1)[0] == render_markdown()
 
 
 @pytest.mark.parametrize("table", sorted({r.table for r in ROWS}))

@@ -17,7 +17,8 @@ difference to it. ``--paper`` takes each group's reference from the paper's numb
 ``<dataset>_<source>``, see :func:`any2point.paper.match_group`) and adds, per table touched, every row
 and source the paper reports beside ours (mean ± std and n; "-" and 0 for a row not run) and the
 difference. Prints markdown; writes CSV and markdown files on request. ``--paper-tables`` prints the
-paper's numbers with the commands that run them (the README's tables) and nothing else.
+paper's numbers with the commands that run them (the tables of docs/scripts_and_tables.md) and
+nothing else.
 """
 from __future__ import annotations
 
