@@ -9,8 +9,9 @@ combines the outputs of the passes (:meth:`ClassificationTask.combine`). Part se
 A dataset declares its task by name (``PointDataset.task``); each task lives in its own module here
 and registers itself in the task registry. It owns its metric names (``score_name``: the number
 model selection maximises, logged and recorded as ``best_score`` with that name) and what a
-checkpoint records of it (:meth:`checkpoint_extras`). Adding a task is one module here plus a model
-and a dataset.
+checkpoint records of it (:meth:`checkpoint_extras`), and what the tools do for it (``predictor``,
+``describe``, ``table_metrics``, ``figures``). Adding a task is one module here (imported, so
+registered, by this package) plus a model and a dataset.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from any2point.engine.tasks.classification import ClassificationMeter, Classific
 from any2point.engine.tasks.part_segmentation import SegmentationMeter, SegmentationTask
 from any2point.errors import ConfigError
 from any2point.registry import TASKS
+from any2point.utils.imports import import_submodules
+
+import_submodules(__name__, __path__)  # a task module added here registers itself
 
 def build_task(dataset: Any, label_smoothing: float = 0.0) -> Task:
     """The task the dataset declares (``dataset.task``, a registered task name), for its labels."""
