@@ -26,22 +26,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import torch
-from omegaconf import DictConfig
 
-from any2point.datasets import build_dataset, build_transforms
-from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES, normalize_unit_sphere, read_shape_file
-from any2point.datasets.transforms import FPSResample
-from any2point.engine.loading import load_model
-from any2point.engine.tasks import Task
-from any2point.engine.runtime import pick_device
 from any2point.errors import ConfigError, DataError, UserError, run_cli
-from any2point.registry import MAX_POINTS, MAX_SEED, TASKS
+from any2point.registry import MAX_POINTS, MAX_SEED
 
-SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
+if TYPE_CHECKING:  # the model libraries load only once the flags are checked (a bad flag is instant)
+    import torch
+    from omegaconf import DictConfig
+
+    from any2point.engine.tasks import Task
+
 DEFAULT_POINTS = 2048
 
 
@@ -49,14 +46,17 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     """The given files, and the supported files under the given folders (sorted), each with its
     name: its path under the folder given (a file given by itself: its file name). A path that
     does not exist is an error naming it."""
+    from any2point.datasets.io import MESH_SUFFIXES, POINT_SUFFIXES
+
+    suffixes = POINT_SUFFIXES + MESH_SUFFIXES
     files: list[tuple[Path, Path]] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
                            and not p.name.startswith("."))
             if not found:
-                raise DataError(f"{path}: holds no shape files (supported: {', '.join(SUFFIXES)})")
+                raise DataError(f"{path}: holds no shape files (supported: {', '.join(suffixes)})")
             files += [(p, p.relative_to(path)) for p in found]
         elif path.is_file():
             files.append((path, Path(path.name)))
@@ -69,6 +69,8 @@ class Preparer:
     """Turns a file into the model's input ``(N, 3)``, as the checkpoint's test data was prepared."""
 
     def __init__(self, cfg: DictConfig, num_points: Optional[int], normalize: bool, seed: int) -> None:
+        from any2point.datasets import build_transforms
+
         dataset = cfg.dataset
         self.num_points = num_points or dataset.get("num_points") or DEFAULT_POINTS
         self.transform = build_transforms((dataset.get("transforms") or {}).get("test"))
@@ -76,6 +78,11 @@ class Preparer:
         self.seed = seed
 
     def __call__(self, path: Path, index: int) -> torch.Tensor:
+        import torch
+
+        from any2point.datasets.io import normalize_unit_sphere, read_shape_file
+        from any2point.datasets.transforms import FPSResample
+
         rng = np.random.default_rng([self.seed, index])
         points = read_shape_file(path, self.num_points, rng)[:, :3].astype(np.float32)
         if len(points) > self.num_points:
@@ -92,6 +99,11 @@ def run(ckpt: str, paths: Sequence[str], top_k: int = 5, num_points: Optional[in
     """One record per file, as the checkpoint's task predicts (``{"file", "predictions"}`` for
     classification, ``{"file", "category", "parts", "output"}`` for part segmentation) or
     ``{"file", "error"}``; and the task."""
+    from any2point.datasets import build_dataset
+    from any2point.engine.loading import load_model
+    from any2point.engine.runtime import pick_device
+    from any2point.registry import TASKS
+
     files = collect_files(paths)
     model, cfg, state = load_model(ckpt, device=pick_device(device, "--device") if device else None)
     name = state.get("task", "classification")
@@ -137,6 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if args.device is not None:
+        from any2point.engine.runtime import pick_device
+
         try:
             pick_device(args.device, "--device")
         except ConfigError as e:
