@@ -6,8 +6,8 @@ Tables 2-10), ``source`` the source of our configs (empty for the other methods 
 ``params_M`` the paper's #P in millions where it gives one, ``accuracy`` its overall accuracy (%).
 
 The run scripts, ``tools/collect_results.py --paper`` and the tables of docs/scripts_and_tables.md
-all read the numbers from here (:func:`load_paper_results`, :func:`match_group`, :func:`render_markdown`), so each is
-written once.
+all read the numbers from here (:func:`load_paper_results`, :func:`match_group`,
+:func:`render_markdown`), so each is written once.
 """
 from __future__ import annotations
 
