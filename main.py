@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from any2point.errors import run_cli
+from any2point.registry import MAX_SEED
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,8 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--config is required for training")
     if not args.test and (args.vote != 1 or args.vote_seed or args.results != "results.json"):
         p.error("--vote, --vote-seed and --results go with --test (model selection never votes)")
-    if args.vote < 1 or args.vote_seed < 0:
-        p.error("--vote must be at least 1 and --vote-seed at least 0")
+    if args.vote < 1 or not 0 <= args.vote_seed <= MAX_SEED:
+        p.error(f"--vote must be at least 1 and --vote-seed in [0, {MAX_SEED}]")
     if "/" in args.results or not args.results.endswith(".json"):
         p.error("--results is a file name ending in .json (it is written next to the checkpoint)")
     if resuming and args.overwrite:

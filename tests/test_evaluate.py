@@ -124,3 +124,13 @@ def test_main_test_applies_overrides_to_the_checkpoints_config(tiny_run, capsys)
     assert "batch_size" in capsys.readouterr().err
     assert entry.main(["--test", "--ckpt", ckpt, "train.no_such_key=1"]) == 2
     assert "train.no_such_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_vote_seed_outside_the_seed_range_is_refused(seed, capsys) -> None:
+    import main as entry
+
+    with pytest.raises(SystemExit):
+        entry.parse_args(["--test", "--ckpt", "x.pth", "--vote", "2", "--vote-seed", seed])
+    assert "--vote-seed in [0, 4294967295]" in capsys.readouterr().err
+    assert entry.parse_args(["--test", "--ckpt", "x.pth", "--vote-seed", str(2**32 - 1)]).vote_seed == 2**32 - 1
