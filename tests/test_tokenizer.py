@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from any2point.extensions import furthest_point_sample, gather, group, knn
-from any2point.models.any2point.tokenizer import (PointPNStage, PointPNTokenizer, _pack_bits, _unpack_bits, normalize_offsets,
-                                                  sincos_embedding)
+from any2point.models.any2point.tokenizer import (PointPNStage, PointPNTokenizer, _pack_bits, _unpack_bits,
+                                                  normalize_offsets, sincos_embedding)
 from any2point.errors import ConfigError
 
 

@@ -68,8 +68,8 @@ class PointFolder(InMemoryDataset):
 
     def __init__(self, split: str, root: str, num_samples: NumPoints = 2048, test_fraction: Fraction = 0.2,
                  data_seed: Seed = 0, transforms: Optional[dict] = None, seed: Seed = 0,
-                 val_fraction: Fraction = 0.1, fps_cache: bool = True, folds: Optional[Annotated[int, Range(ge=2)]] = None,
-                 fold: NonNegativeInt = 0) -> None:
+                 val_fraction: Fraction = 0.1, fps_cache: bool = True,
+                 folds: Optional[Annotated[int, Range(ge=2)]] = None, fold: NonNegativeInt = 0) -> None:
         super().__init__(split, transforms, seed, val_fraction, fps_cache)
         if num_samples <= 0:
             raise ConfigError(f"PointFolder.num_samples must be > 0, got {num_samples}")

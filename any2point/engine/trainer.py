@@ -423,7 +423,6 @@ class Trainer:
                     self.exp_dir / LAST, best)
         return m
 
-
     def build_memory(self) -> dict[str, Any]:
         """Fill the Point-NN bank (:func:`~any2point.engine.memory.fill_bank`) and save it in
         ``ckpt-best.pth``; a training-free run also writes its ``ckpt-last.pth``. Returns what

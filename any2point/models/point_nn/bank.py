@@ -7,7 +7,9 @@ one-hot labels as values. A query ``f (B, D)`` scaled to unit length is compared
 weight ``exp(-gamma (1 - S))``: ``votes = exp(-gamma (1 - S)) V (B, classes)``. Larger ``gamma``
 sharpens the vote towards the nearest neighbours. The votes are returned normalised to sum to one
 (the same arg-max; a bounded term to add to a trained model's logits), computed with the largest
-similarity of each row factored out so that no weight underflows to zero.
+similarity of each row factored out so that no weight underflows to zero, and in float32 whatever
+the autocast (``gamma`` up to 10^4 times a bfloat16 rounding of the similarity would decide the
+vote).
 
 The bank is filled by a memory pass (:mod:`any2point.engine.memory`), never by gradients; its
 tensors are buffers saved in checkpoints, sized by the data (``resizable_buffers``).
@@ -79,7 +81,8 @@ class MemoryBank(nn.Module):
         if self.size == 0:
             raise EmptyBankError("the memory bank is empty: a memory pass over the training set fills it (main.py "
                                  "runs one; see docs/point_nn.md)")
-        return F.normalize(features.float(), dim=-1) @ self.keys.t()
+        with torch.autocast(features.device.type, enabled=False):
+            return F.normalize(features.float(), dim=-1) @ self.keys.t()
 
     def votes(self, similarity: Tensor, gamma: Optional[float] = None) -> Tensor:
         """Normalised class votes ``(B, classes)`` of similarities ``(B, M)`` with ``gamma`` (default:
@@ -87,10 +90,12 @@ class MemoryBank(nn.Module):
         gamma = float(self.gamma) if gamma is None else gamma
         if gamma != gamma:
             raise EmptyBankError("the memory bank has no gamma: the memory pass selects it (or set gamma)")
-        top = similarity.amax(dim=1, keepdim=True)
-        weights = torch.exp(gamma * (similarity - top))  # exp(-gamma (1 - S)) / exp(-gamma (1 - max S))
-        votes = weights @ F.one_hot(self.labels, self.num_classes).to(weights.dtype)
-        return votes / votes.sum(dim=1, keepdim=True)
+        with torch.autocast(similarity.device.type, enabled=False):
+            similarity = similarity.float()
+            top = similarity.amax(dim=1, keepdim=True)
+            weights = torch.exp(gamma * (similarity - top))  # exp(-gamma (1 - S)) / exp(-gamma (1 - max S))
+            votes = weights @ F.one_hot(self.labels, self.num_classes).float()
+            return votes / votes.sum(dim=1, keepdim=True)
 
     def forward(self, features: Tensor) -> Tensor:
         """``features (B, D) -> votes (B, classes)``."""

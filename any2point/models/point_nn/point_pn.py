@@ -31,7 +31,8 @@ from any2point.registry import MODELS, Fraction, PositiveFloat, PositiveInt
 
 
 class LocalGeometryStage(nn.Module):
-    """One stage (the paper's local geometry aggregation and pooling) ``(xyz (B, N, 3), feats (B, N, C_in)) -> (xyz (B, N/2, 3), feats (B, N/2, width))``."""
+    """One stage (the paper's local geometry aggregation and pooling):
+    ``(xyz (B, N, 3), feats (B, N, C_in)) -> (xyz (B, N/2, 3), feats (B, N/2, width))``."""
 
     def __init__(self, in_dim: int, width: int, blocks: int, k: int, norm: NormMode, alpha: float,
                  beta: float) -> None:
