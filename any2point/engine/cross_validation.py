@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from any2point.config import config_from_dict
 from any2point.engine import distributed
 from any2point.engine.experiment import experiment_folder
+from any2point.engine.metrics import json_number
 from any2point.engine.records import config_hash, git_commit, write_results
 from any2point.engine.trainer import LAST, Trainer
 from any2point.errors import ConfigError
@@ -90,8 +91,9 @@ def cross_validate(cfg: DictConfig, folds: int, resume: bool = False, overwrite:
 
 def summarize(cfg: DictConfig, per_fold: list[dict[str, Any]], predictions: list[dict[str, Any]],
               class_names: list[str]) -> dict[str, Any]:
-    """The ``cv_results.json`` record: per-fold OA, their mean and std, the pooled OA, mAcc and
-    confusion matrix over every prediction."""
+    """The ``cv_results.json`` record, laid out as a test's ``results.json``: the pooled OA, mAcc,
+    per-class accuracy and confusion matrix over every prediction, and per-fold OA with their mean
+    and sample std."""
     files = [p["file"] for p in predictions]
     if len(set(files)) != len(files):
         raise RuntimeError("cross-validation tested a file twice: the folds overlap")
@@ -108,9 +110,10 @@ def summarize(cfg: DictConfig, per_fold: list[dict[str, Any]], predictions: list
         "experiment": tree["experiment"]["name"],
         "task": "classification",
         "split": "test",
-        "metrics": {"OA": float(100.0 * (labels == guesses).mean()), "mAcc": float(np.nanmean(per_class))},
-        "per_class_accuracy": {name: (None if np.isnan(a) else float(a)) for name, a in zip(class_names, per_class)},
-        "confusion_matrix": confusion.tolist(),
+        "metrics": {"OA": json_number(100.0 * float((labels == guesses).mean())),
+                    "mAcc": json_number(float(np.nanmean(per_class))), "count": len(predictions)},
+        "per_class": {name: json_number(float(a)) for name, a in zip(class_names, per_class)},
+        "confusion": confusion.tolist(),
         "class_names": list(class_names),
         "cross_validation": {"folds": len(per_fold), "files": len(predictions), "fold_OA": oas,
                              "fold_OA_mean": statistics.fmean(oas), "fold_OA_std": statistics.stdev(oas),

@@ -52,7 +52,8 @@ def memory_dataset(dataset_cfg: Any, split: str) -> Any:
 def fill_bank(model: nn.Module, point_nn: PointNN, memory_loader: DataLoader, select_loader: DataLoader,
               device: torch.device, add_selection: bool) -> dict[str, Any]:
     """Fill ``point_nn``'s bank and choose its gamma (and weight); see the module docstring.
-    Returns what was chosen: ``gamma``, ``weight`` (plug-in), ``select_OA`` and ``bank_size``."""
+    Returns what was chosen: ``gamma``, ``weight`` (plug-in), ``select_OA`` (``None`` without a
+    selection split) and ``bank_size``."""
     model.eval()
     bank = point_nn.bank
     bank.reset()
@@ -84,7 +85,7 @@ def fill_bank(model: nn.Module, point_nn: PointNN, memory_loader: DataLoader, se
     elif len(gammas) > 1 or len(weights) > 1:
         raise ConfigError("Point-NN chooses gamma (and the plug-in its weight) on the selection split, which is "
                           "empty here: set dataset.val_fraction above 0, or fix model gamma (and weight)")
-    accuracy, gamma, weight = best if best is not None else (float("nan"), gammas[0], weights[0])
+    accuracy, gamma, weight = best if best is not None else (None, gammas[0], weights[0])
     bank.gamma.fill_(gamma)
     if plug_in:
         point_nn.weight.fill_(weight)
@@ -94,6 +95,7 @@ def fill_bank(model: nn.Module, point_nn: PointNN, memory_loader: DataLoader, se
     info = {"gamma": gamma, "select_OA": accuracy, "bank_size": bank.size}
     if plug_in:
         info["weight"] = weight
-    logger.info("Point-NN memory pass: %d training clouds in the bank; gamma %g%s (selection OA %.2f)",
-                bank.size, gamma, f", weight {weight:g}" if plug_in else "", accuracy)
+    logger.info("Point-NN memory pass: %d training clouds in the bank; gamma %g%s (%s)", bank.size, gamma,
+                f", weight {weight:g}" if plug_in else "",
+                "no selection split" if accuracy is None else f"selection OA {accuracy:.2f}")
     return info

@@ -416,7 +416,7 @@ class Trainer:
         record = results_record(m, self.cfg, self.task.class_names, split="test", protocol=self.protocol,
                                 voting={"passes": 1}, checkpoint=str(best), epoch=self.best_epoch + 1,
                                 source=source() if source else None, task=self.task.name, seeds=self.seeds)
-        record.update(parameters=self.counts, run_seconds=round(self.run_seconds(), 1))
+        record.update(parameters=self.counts, run_seconds=round(self.run_seconds(), 3))
         if memory is not None:
             record["memory"] = memory
         logger.info("results: %s; checkpoints: %s, %s", write_results(record, self.exp_dir / RESULTS),
@@ -440,7 +440,8 @@ class Trainer:
                          add_selection=self.select_split != "test")
         best = self.exp_dir / BEST
         if self.training_free:
-            self.best_epoch, self.best_score = 0, info["select_OA"]
+            self.best_epoch = 0
+            self.best_score = info["select_OA"] if info["select_OA"] is not None else -1.0
             state = self.state(0)
             self.save(BEST, state)
             self.save(LAST, state)

@@ -39,8 +39,9 @@ def sincos_embedding(xyz: Tensor, dim: int, alpha: float = 1000.0, beta: float =
         raise ValueError(f"the sin/cos embedding needs dim >= 6, got {dim}")
     steps = torch.arange(freqs, device=xyz.device, dtype=xyz.dtype) / freqs
     angles = beta * xyz.unsqueeze(-1) / alpha ** steps
-    pair = torch.stack if interleave else torch.cat
-    emb = pair([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    pairs = [angles.sin(), angles.cos()]
+    per_axis = torch.stack(pairs, dim=-1).flatten(-2) if interleave else torch.cat(pairs, dim=-1)
+    emb = per_axis.flatten(-2)
     pad = dim - emb.shape[-1]
     return nn.functional.pad(emb, (0, pad)) if pad else emb
 
