@@ -4,6 +4,7 @@
     python main.py --config cfgs/demo.yaml --resume                 # continue a killed run
     python main.py --test --ckpt experiments/demo/ckpt-best.pth     # test a checkpoint (results.json)
     python main.py --test --ckpt ... --vote 10                      # test with 10-pass voting
+    python main.py --config CFG --folds 5                           # 5-fold cross-validation (PointFolder)
     torchrun --nproc_per_node=N main.py --config ...                # several GPUs (or CPU processes)
 
 A mistake (a config key, a file, a flag) ends with one line "error: ..." and exit code 2; --debug
@@ -34,6 +35,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "with a model config that differs from its own (a warning names the keys)")
     p.add_argument("--ignore-source-mismatch", action="store_true",
                    help="use a checkpoint with other source weights than it was trained with (a warning)")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="K-fold cross-validation on a PointFolder dataset: K runs in the sub-folders fold0.. of the "
+                        "experiment, every file tested once; cv_results.json holds the mean ± std over the folds and "
+                        "the pooled accuracy")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     p.add_argument("--vote", type=int, default=1, metavar="N",
                    help="with --test: average the logits of N passes over the test set, each with its own draw "
@@ -60,6 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--results is a file name ending in .json (it is written next to the checkpoint)")
     if resuming and args.overwrite:
         p.error("--overwrite empties the experiment folder, so there is nothing left to --resume")
+    if args.folds is not None and (args.test or args.resume_from is not None):
+        p.error("--folds trains K runs; it goes with --config (and --resume, --overwrite), not --test or --resume-from")
+    if args.folds is not None and args.folds < 2:
+        p.error("--folds must be at least 2")
     if args.allow_config_change and not (resuming or args.test):
         p.error("--allow-config-change only applies with --resume, --resume-from or --test")
     return args
@@ -69,6 +78,7 @@ def run(args: argparse.Namespace) -> None:
     """Load the config (validated before anything is built or written), then train or evaluate."""
     from any2point.config import config_from_dict, load_config
     from any2point.engine import checkpoint, distributed
+    from any2point.engine.cross_validation import cross_validate
     from any2point.engine.evaluate import evaluate_checkpoint
     from any2point.engine.trainer import Trainer
 
@@ -77,7 +87,10 @@ def run(args: argparse.Namespace) -> None:
             cfg = load_config(args.config, args.overrides)
         else:
             cfg = config_from_dict(checkpoint.load(args.ckpt)["config"], args.overrides)
-        if args.test:
+        if args.folds is not None:
+            cross_validate(cfg, args.folds, resume=args.resume, overwrite=args.overwrite,
+                           ignore_source_mismatch=args.ignore_source_mismatch)
+        elif args.test:
             evaluate_checkpoint(cfg, args.ckpt, args.vote, args.vote_seed, args.results,
                                 ignore_source_mismatch=args.ignore_source_mismatch,
                                 allow_model_change=args.allow_config_change)

@@ -143,3 +143,20 @@ def test_paper_tables_print_the_readme_rendering(capsys: pytest.CaptureFixture) 
     assert capsys.readouterr().out == render_markdown()
     assert collect([]) == 2
     assert "give the experiment folders" in capsys.readouterr().err
+
+
+def test_cost_columns_give_trainable_parameters_and_mean_time(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    write_runs(tmp_path)
+    for name, seconds in (("son_dino_seed0", 10.0), ("son_dino_seed1", 20.0)):
+        path = tmp_path / name / "results.json"
+        record = json.loads(path.read_text())
+        record.update(parameters={"total": 9999, "trainable": 1234}, run_seconds=seconds)
+        path.write_text(json.dumps(record))
+    assert collect([str(tmp_path), "--cost"]) == 0
+    out = capsys.readouterr().out
+    assert "| trainable | time (s) |" in out
+    assert "| 1,234 | 15 |" in out and "| son_clip | 3 | 0 1 2 |" in out and "| - | - |" in out
+    assert collect([str(tmp_path)]) == 0
+    assert "trainable" not in capsys.readouterr().out

@@ -23,7 +23,7 @@ from any2point.models.any2point.projection import (VirtualProjection, official_g
                                          official_plane_positions, pointclip_line_directions,
                                          pointclip_view_rotations, sample_table_1d_official, sample_table_2d,
                                          scramble_2d)
-from any2point.models.any2point.tokenizer import PointPNStage, PointPNTokenizer
+from any2point.models.any2point.tokenizer import PointPNTokenizer, normalize_offsets
 from any2point.models.sources.base import Embedded
 from tests.conftest import TINY_SOURCES
 
@@ -374,12 +374,10 @@ def test_imagebind_plain_qkv_is_attention_without_the_bias_tokens():
 
 def test_mn40_batch_std_divides_by_the_std_of_the_whole_batch():
     torch.manual_seed(0)
-    stage = PointPNStage(8, 4, 1, 4, "mn40_batch", 1000.0, 100.0)
     offsets = torch.randn(2, 3, 4, 3, dtype=torch.float64)
     offsets[1] *= 5  # per-sample stds differ: a per-sample norm would give another answer
     values = offsets.flatten().tolist()
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    torch.testing.assert_close(stage._normalize(offsets), offsets / (std + 1e-5))
-    per_sample = PointPNStage(8, 4, 1, 4, "mn40", 1000.0, 100.0)
-    assert not torch.allclose(per_sample._normalize(offsets), offsets / (std + 1e-5))
+    torch.testing.assert_close(normalize_offsets(offsets, "mn40_batch"), offsets / (std + 1e-5))
+    assert not torch.allclose(normalize_offsets(offsets, "mn40"), offsets / (std + 1e-5))

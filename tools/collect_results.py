@@ -1,7 +1,7 @@
 """Turn many runs' results into one table: mean +- std over seeds, and the number of runs.
 
     python tools/collect_results.py experiments/scanobjectnn_* [--group-by model.source.type]
-        [--paper] [--ref GROUP=OA ...] [--csv table.csv] [--markdown table.md]
+        [--paper] [--ref GROUP=OA ...] [--cost] [--csv table.csv] [--markdown table.md]
     python tools/collect_results.py --paper-tables
 
 Each EXPERIMENT is an experiment folder holding a results file (``results.json``, or ``--file``),
@@ -16,7 +16,11 @@ difference to it. ``--paper`` takes each group's reference from the paper's numb
 (``cfgs/paper/paper_results.csv``, matched by the group's name: ``table<N>_<row>_<source>`` or
 ``<dataset>_<source>``, see :func:`any2point.paper.match_group`) and adds, per table touched, every row
 and source the paper reports beside ours (mean ± std and n; "-" and 0 for a row not run) and the
-difference. Prints markdown; writes CSV and markdown files on request. ``--paper-tables`` prints the
+difference. ``--cost`` adds each group's trainable parameters and mean run time (the records'
+``parameters`` and ``run_seconds``). A cross-validation's folder (``main.py --folds K``) counts as
+one run: its ``cv_results.json`` (the pooled OA and mAcc over every file), with a ``folds`` column
+giving the OA's mean ± std over its folds (averaged over the group's runs). Prints markdown;
+writes CSV and markdown files on request. ``--paper-tables`` prints the
 paper's numbers with the commands that run them (the tables of docs/scripts_and_tables.md) and
 nothing else.
 """
@@ -37,6 +41,13 @@ from any2point.paper import PaperResult, match_group, render_markdown, table_res
 
 SEED_SUFFIX = re.compile(r"[-_.]seed\d+$")
 MISSING = object()
+CV_RESULTS = "cv_results.json"  # written by main.py --folds (any2point/engine/cross_validation.py)
+
+
+def _without_fold_runs(files: list[Path]) -> list[Path]:
+    """``files`` less the fold runs of the cross-validations among them (their summary stands for them)."""
+    summaries = {f.parent for f in files if f.name == CV_RESULTS}
+    return [f for f in files if f.name == CV_RESULTS or f.parent.parent not in summaries]
 
 
 def find_results(paths: Sequence[str], name: str) -> list[Path]:
@@ -48,8 +59,10 @@ def find_results(paths: Sequence[str], name: str) -> list[Path]:
             found.append(path)
         elif (path / name).is_file():
             found.append(path / name)
+        elif (path / CV_RESULTS).is_file():
+            found.append(path / CV_RESULTS)
         elif path.is_dir():
-            hits = sorted(path.rglob(name))
+            hits = _without_fold_runs(sorted([*path.rglob(name), *path.rglob(CV_RESULTS)]))
             if not hits:
                 raise FileNotFoundError(f"{path}: no {name} in it or below it (has the run been tested?)")
             found += hits
@@ -143,6 +156,13 @@ def summarize(records: list[dict[str, Any]], keys: Sequence[str], references: di
             values = [float(r["metrics"][metric]) if r["metrics"].get(metric) is not None else math.nan
                       for r in runs]
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+        folds = [r["cross_validation"] for r in runs if r.get("cross_validation")]
+        row["folds"] = (f"{folds[0]['folds']}: {statistics.fmean(f['fold_OA_mean'] for f in folds):.2f} ± "
+                        f"{statistics.fmean(f['fold_OA_std'] for f in folds):.2f}") if folds else None
+        trainable = {(r.get("parameters") or {}).get("trainable") for r in runs} - {None}
+        row["trainable"] = " / ".join(f"{t:,}" for t in sorted(trainable)) or None
+        seconds = [r["run_seconds"] for r in runs if r.get("run_seconds") is not None]
+        row["seconds"] = statistics.fmean(seconds) if seconds else None
         ref = references.get(label)
         row["reference"] = ref
         row["delta"] = row[f"{metrics[0]}_mean"] - ref if ref is not None else None
@@ -151,14 +171,20 @@ def summarize(records: list[dict[str, Any]], keys: Sequence[str], references: di
 
 
 def markdown(rows: list[dict[str, Any]], with_reference: bool,
-             metrics: Sequence[str] = CLASSIFICATION_METRICS) -> str:
-    head = ["group", "runs", "seeds", *metrics, "voting", "configs"]
+             metrics: Sequence[str] = CLASSIFICATION_METRICS, cost: bool = False) -> str:
+    with_folds = any(r.get("folds") for r in rows)
+    head = ["group", "runs", "seeds", *metrics, *([f"folds: {metrics[0]} over folds"] if with_folds else []),
+            *(["trainable", "time (s)"] if cost else []), "voting", "configs"]
     if with_reference:
         head += [f"reference {metrics[0]}", "Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
-        cells = [r["group"], str(r["runs"]), r["seeds"], *(fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
-                 r["voting"], str(r["configs"])]
+        cells = [r["group"], str(r["runs"]), r["seeds"], *(fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics)]
+        if with_folds:
+            cells.append(r.get("folds") or "-")
+        if cost:
+            cells += [r.get("trainable") or "-", "-" if r.get("seconds") is None else f"{r['seconds']:.0f}"]
+        cells += [r["voting"], str(r["configs"])]
         if with_reference:
             cells += ["-" if r["reference"] is None else f"{r['reference']:.2f}",
                       "-" if r["delta"] is None else f"{r['delta']:+.2f}"]
@@ -167,8 +193,8 @@ def markdown(rows: list[dict[str, Any]], with_reference: bool,
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, metrics: Sequence[str] = CLASSIFICATION_METRICS) -> None:
-    fields = ["group", "runs", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "voting", "configs",
-              "reference", "delta"]
+    fields = ["group", "runs", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "folds", "trainable",
+              "seconds", "voting", "configs", "reference", "delta"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -226,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                              "beside them per row and source")
     parser.add_argument("--paper-tables", action="store_true", help="print the paper's tables with the commands "
                                                                     "that run them, and exit")
+    parser.add_argument("--cost", action="store_true", help="add the trainable parameters and the mean run time")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
@@ -260,7 +287,7 @@ def collect(args: argparse.Namespace) -> None:
     unknown = sorted(set(refs) - {r["group"] for r in rows})
     if unknown:
         print(f"warning: --ref names groups with no runs: {', '.join(unknown)}", file=sys.stderr)
-    table = markdown(rows, bool(refs) or args.paper, metrics)
+    table = markdown(rows, bool(refs) or args.paper, metrics, args.cost)
     if args.paper:
         table += "\n" + paper_side_by_side(rows, metrics[0])
     print(table, end="")

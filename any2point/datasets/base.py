@@ -156,3 +156,23 @@ def holdout_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def fold_of_each(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The cross-validation fold ``(N,)`` of each of ``N`` items, stratified and deterministic in
+    ``seed``: each class's items, in a seeded random order, are dealt to the folds in turn (starting
+    where the previous class stopped), so every fold holds ``floor`` or ``ceil`` of each class's
+    share and the fold sizes differ by at most one."""
+    if folds < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}")
+    if folds > len(labels):
+        raise ConfigError(f"{folds} folds need at least {folds} items, got {len(labels)}")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    start = 0
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        fold[idx] = (start + np.arange(len(idx))) % folds
+        start = (start + len(idx)) % folds
+    return fold

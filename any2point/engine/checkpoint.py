@@ -5,6 +5,8 @@ source), so a 300M-parameter source is never copied into each file; the source i
 name and sha256 instead (docs/method.md, "Checkpoints"). A checkpoint holds only tensors, numbers,
 strings, ``None`` and lists, tuples and dicts of them, and is read with ``weights_only=True``: a file
 that needs anything else (an object whose unpickling could run code) is refused, never executed.
+A module whose buffers are sized by the data (Point-NN's memory bank) lists them in
+``resizable_buffers``; loading takes their shapes from the checkpoint.
 """
 from __future__ import annotations
 
@@ -53,8 +55,19 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: state[k].detach().cpu() for k in trainable_keys(model)}
 
 
+def resize_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every buffer a module lists in ``resizable_buffers`` the shape it has in ``state``."""
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "resizable_buffers", ()):
+            key = f"{prefix}.{name}" if prefix else name
+            current = module._buffers.get(name)
+            if key in state and current is not None and current.shape != state[key].shape:
+                module._buffers[name] = current.new_zeros(state[key].shape)
+
+
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load a trainable state strictly; a mismatch raises :class:`CheckpointError` naming the keys."""
+    resize_buffers(model, state)
     expected = set(trainable_state_dict(model))
     got = set(state)
     missing, unexpected = sorted(expected - got), sorted(got - expected)

@@ -12,11 +12,20 @@ keeps the epoch with the best score (the task's: OA, or instance mIoU) on ``val`
 official training set); the test split is evaluated once, with that checkpoint, at the end.
 ``train.protocol: paper`` trains on ``trainval`` and selects on ``test``, as the official code did;
 every number logged says which protocol produced it.
+
+A model holding Point-NN gets its memory bank from one pass over the training split
+(:mod:`any2point.engine.memory`) before the final test: Point-NN alone has no trainable parameter,
+so its run is that pass and the test (no epoch, no optimizer); a classifier with the Point-NN
+plug-in trains as usual and builds the bank after its last epoch, with its best weights. The
+results record carries the model's parameter counts and the run's time (``run_seconds``: the
+seconds of this process and, after ``--resume``, those of the runs before it up to their last
+checkpoint).
 """
 from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +46,7 @@ from any2point.engine.loading import check_source
 from any2point.engine.records import RESULTS, results_record, write_results
 from any2point.engine.runtime import autocast, pick_device
 from any2point.engine.log import ScalarWriter, setup_logging
+from any2point.engine.memory import fill_bank, memory_dataset, point_nn_of
 from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.optim import build_optimizer, build_scheduler, load_schedule_state
 from any2point.engine.seeds import derive_seed, describe_seeds, run_seeds, seed_globals
@@ -125,6 +135,8 @@ class Trainer:
                  overwrite: bool = False, allow_config_change: bool = False,
                  ignore_source_mismatch: bool = False) -> None:
         self.cfg = cfg
+        self.started = time.monotonic()
+        self.seconds_before = 0.0  # run time of the runs this one resumes, up to their checkpoint
         t = cfg.train
         resume = resume or resume_from is not None
         self.ignore_source_mismatch = ignore_source_mismatch
@@ -154,9 +166,15 @@ class Trainer:
         seed_everything(self.seeds["init"], cfg.experiment.deterministic)
         self.model = build_model(cfg.model).to(self.device)
         seed_globals(self.seeds["dropout"])  # a resumed run restores the checkpoint's generators instead
-        counts = parameter_summary(self.model)
+        self.counts = counts = parameter_summary(self.model)
         logger.info("model %s: %s trainable / %s total parameters (%.3f%%)", cfg.model.type,
-                    f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"])
+                    f"{counts['trainable']:,}", f"{counts['total']:,}",
+                    100 * counts["trainable"] / max(counts["total"], 1))
+        self.point_nn = point_nn_of(self.model)
+        self.training_free = self.point_nn is not None and counts["trainable"] == 0
+        if self.training_free:
+            logger.info("training-free model: one memory pass over the training split instead of %d epochs",
+                        t.epochs)
 
         self.protocol = t.protocol
         train_split, self.select_split = ("train", "val") if self.protocol == "honest" else ("trainval", "test")
@@ -170,6 +188,9 @@ class Trainer:
         self.task = build_task(self.train_set, t.label_smoothing)
         self.num_classes = self.train_set.num_classes
         self.task.check_model(cfg.model, cfg.dataset.type)
+        if self.point_nn is not None and self.task.name != "classification":
+            raise ConfigError(f"Point-NN's memory bank classifies whole clouds; dataset {cfg.dataset.type}'s task is "
+                              f"{self.task.name}")
         self.train_loader = train_loader(self.train_set, t.batch_size // world, self.seeds["order"], t.num_workers,
                                          self.device)
         eval_bs = max(1, (t.test_batch_size or t.batch_size) // world)
@@ -183,11 +204,13 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         if t.compile:
             self.net = torch.compile(self.net)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
-        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, t.epochs, len(self.train_loader))
+        self.optimizer = None if self.training_free else build_optimizer(cfg.optimizer, self.model)
+        self.scheduler = None if self.training_free else build_scheduler(cfg.scheduler, self.optimizer, t.epochs,
+                                                                         len(self.train_loader))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.start_epoch, self.best_score, self.best_epoch = 0, -1.0, -1
         self.hooks = [LRSchedule(), Validation(), Checkpoints(), EpochLog()]
+        self.memory_split = train_split
         self.resumed_from = resumed[0] if resumed is not None else None
         if resumed is not None:
             self._resume(*resumed)
@@ -217,11 +240,17 @@ class Trainer:
         else:
             rng = [rng_state()]
         source = getattr(self.model, "source_identity", None)
-        return {"model": checkpoint.trainable_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": self.best_score,
+        return {"model": checkpoint.trainable_state_dict(self.model),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "run_seconds": self.run_seconds(), "epoch": epoch, "best_score": self.best_score,
                 "score_name": self.task.score_name, "best_epoch": self.best_epoch, "protocol": self.protocol,
                 "rng": rng, "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "source": source() if source else None, **self.task.checkpoint_extras()}
+
+    def run_seconds(self) -> float:
+        """Seconds this run has taken so far, those of the runs it resumes included."""
+        return self.seconds_before + time.monotonic() - self.started
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         if distributed.is_main():
@@ -257,6 +286,10 @@ class Trainer:
     def _resume(self, path: Path, ckpt: dict[str, Any]) -> None:
         check_source(ckpt.get("source"), self.model, path, self.ignore_source_mismatch)
         checkpoint.load_trainable_state_dict(self.model, ckpt["model"], str(path))
+        self.seconds_before = float(ckpt.get("run_seconds") or 0.0)
+        if self.optimizer is None:  # training-free: the memory pass runs again
+            self.best_score, self.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
+            return
         # keep the configured hyper-parameters (they differ only with --allow-config-change)
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
@@ -290,7 +323,7 @@ class Trainer:
         this call after that many epochs (e.g. to fit a job's time limit; ``--resume`` continues) and
         returns ``None`` if training is not finished. The experiment folder is released at the end."""
         try:
-            epochs = self.cfg.train.epochs
+            epochs = 0 if self.training_free else self.cfg.train.epochs
             end = epochs if stop_after is None else min(epochs, self.start_epoch + stop_after)
             for self.epoch in range(self.start_epoch, end):
                 self.stats: dict[str, Any] = {"train": self.train_epoch(self.epoch)}
@@ -372,6 +405,7 @@ class Trainer:
         best = self.exp_dir / BEST
         if best.is_file():
             checkpoint.load_trainable_state_dict(self.model, checkpoint.load(best)["model"], str(best))
+        memory = self.build_memory() if self.point_nn is not None else None
         m = evaluate(self.net, self.test_loader, self.task, self.device, self.cfg.train.amp, "test")
         how = ("best epoch selected on the validation split held out of train" if self.protocol == "honest"
                else "best epoch selected on the test split itself (paper protocol; optimistic)")
@@ -382,9 +416,40 @@ class Trainer:
         record = results_record(m, self.cfg, self.task.class_names, split="test", protocol=self.protocol,
                                 voting={"passes": 1}, checkpoint=str(best), epoch=self.best_epoch + 1,
                                 source=source() if source else None, task=self.task.name, seeds=self.seeds)
+        record.update(parameters=self.counts, run_seconds=round(self.run_seconds(), 3))
+        if memory is not None:
+            record["memory"] = memory
         logger.info("results: %s; checkpoints: %s, %s", write_results(record, self.exp_dir / RESULTS),
                     self.exp_dir / LAST, best)
         return m
+
+    def build_memory(self) -> dict[str, Any]:
+        """Fill the Point-NN bank (:func:`~any2point.engine.memory.fill_bank`) and save it in
+        ``ckpt-best.pth``; a training-free run also writes its ``ckpt-last.pth``. Returns what
+        the memory pass chose."""
+        t, world = self.cfg.train, distributed.world_size()
+        batch = max(1, (t.test_batch_size or t.batch_size))
+        # every process fills the whole bank: the memory loader is not split over processes
+        memory_loader = DataLoader(memory_dataset(self.cfg.dataset, self.memory_split), batch_size=batch,
+                                   num_workers=t.num_workers)
+        select_loader = DataLoader(memory_dataset(self.cfg.dataset, self.select_split), batch_size=batch,
+                                   num_workers=t.num_workers)
+        if world > 1:
+            logger.info("the memory pass runs on each of the %d processes", world)
+        info = fill_bank(self.model, self.point_nn, memory_loader, select_loader, self.device,
+                         add_selection=self.select_split != "test")
+        best = self.exp_dir / BEST
+        if self.training_free:
+            self.best_epoch = 0
+            self.best_score = info["select_OA"] if info["select_OA"] is not None else -1.0
+            state = self.state(0)
+            self.save(BEST, state)
+            self.save(LAST, state)
+        elif best.is_file() and distributed.is_main():
+            saved = checkpoint.load(best)
+            saved["model"] = checkpoint.trainable_state_dict(self.model)
+            self.save(BEST, saved)
+        return info
 
 
 class Hook:

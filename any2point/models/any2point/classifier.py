@@ -21,9 +21,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from any2point.models.any2point.head import ClassificationHead
+from any2point.models.point_nn.point_nn import PointNNPlugIn
 from any2point.models.sources.base import SourceTransformer
 from any2point.models.tuners.base import Tuner
-from any2point.registry import MODELS, PROJECTIONS, SOURCES, TOKENIZERS, TUNERS, Slot, build_from_cfg
+from any2point.registry import MODELS, PROJECTIONS, SOURCES, TOKENIZERS, TUNERS, Slot, build_from_cfg, check_kwargs
 from any2point.errors import ConfigError
 from any2point.utils.activation_checkpoint import checkpoint
 
@@ -31,23 +33,6 @@ logger = logging.getLogger("any2point")
 
 
 PEInjection = Literal["once", "every_block", "every_block_plus_initial"]
-
-
-class ClassificationHead(nn.Sequential):
-    """``(B, in) -> (B, classes)``: per hidden width Linear + BN + ReLU + Dropout, then Linear.
-
-    ``hidden_bias=False`` drops the hidden Linears' biases (the BN after them has its own), as the
-    released ScanObjectNN code did (docs/method.md deviation 7)."""
-
-    def __init__(self, in_features: int, widths: Sequence[int], num_classes: int, dropout: float,
-                 hidden_bias: bool = True) -> None:
-        layers: list[nn.Module] = []
-        for width in widths:
-            layers += [nn.Linear(in_features, width, bias=hidden_bias), nn.BatchNorm1d(width),
-                       nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            in_features = width
-        layers.append(nn.Linear(in_features, num_classes))
-        super().__init__(*layers)
 
 
 def set_layer_norm_eps(module: nn.Module, eps: float, what: str) -> None:
@@ -118,6 +103,12 @@ class Any2Point(nn.Module):
         final_norm_eps, block_norm_eps: override the ``eps`` of the source's final LayerNorm and of
             the LayerNorms in its blocks (the released code built its own norms: 1e-6 or 1e-5
             where the source used the other; deviation 10).
+
+    Point-NN beside it (off by default):
+
+        point_nn: the keys of :class:`~any2point.models.point_nn.point_nn.PointNNPlugIn`: a
+            training-free Point-NN whose bank, filled after training, adds its weighted votes to the
+            logits (docs/point_nn.md, "Plug-and-play"); no trainable parameter.
     """
 
     config_slots = {"source": Slot(SOURCES), "tokenizer": Slot(TOKENIZERS), "projection": Slot(PROJECTIONS),
@@ -129,7 +120,7 @@ class Any2Point(nn.Module):
                  head_hidden_bias: bool = True, pe_injection: Optional[PEInjection] = None,
                  random_cls_pos: bool = False,
                  final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None,
-                 checkpoint_blocks: bool = False) -> None:
+                 checkpoint_blocks: bool = False, point_nn: Optional[dict] = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
@@ -160,6 +151,10 @@ class Any2Point(nn.Module):
         self.cls_token = _init_token(self.source.cls_token, dim)
         self.cls_pos_embed = _init_token(None if random_cls_pos else self.source.cls_pos_embed, dim)
         self.head = self._build_head(dim, num_classes, head_widths, head_dropout, head_hidden_bias)
+        self.point_nn = None
+        if point_nn is not None:
+            check_kwargs(PointNNPlugIn, point_nn, "model.point_nn", injected=PointNNPlugIn.injected_args)
+            self.point_nn = PointNNPlugIn(num_classes, **point_nn)
         self.tuner.attach(self.source)
         self.train()
         counts = self.parameter_counts()
@@ -249,7 +244,8 @@ class Any2Point(nn.Module):
     def forward(self, points: Tensor) -> Tensor:
         """``points (B, N, 3) -> logits (B, num_classes)``."""
         encoded = self.encode(points)
-        return self.head(torch.cat([encoded.tokens.amax(dim=1), encoded.cls], dim=-1))
+        logits = self.head(torch.cat([encoded.tokens.amax(dim=1), encoded.cls], dim=-1))
+        return logits if self.point_nn is None else self.point_nn.add_to(logits, points)
 
 
 def count_parameters(model: nn.Module, head: Optional[nn.Module] = None) -> dict[str, int]:

@@ -25,20 +25,55 @@ from any2point.errors import ConfigError
 NormMode = Literal["scan", "mn40", "mn40_batch"]
 
 
-def sincos_embedding(xyz: Tensor, dim: int, alpha: float = 1000.0, beta: float = 100.0) -> Tensor:
+def sincos_embedding(xyz: Tensor, dim: int, alpha: float = 1000.0, beta: float = 100.0,
+                     interleave: bool = False) -> Tensor:
     """Non-parametric sin/cos embedding of coordinates ``(..., 3) -> (..., dim)`` (Point-NN's PosE).
 
     Per axis, ``F = dim // 6`` frequencies ``beta * x / alpha^(i / F)``; channels are laid out axis by
-    axis, each as ``[sin_0..sin_F-1, cos_0..cos_F-1]``; the last ``dim - 6 F`` channels are zero.
+    axis, each as ``[sin_0..sin_F-1, cos_0..cos_F-1]`` (with ``interleave``,
+    ``[sin_0, cos_0, sin_1, cos_1, ...]``, the order of Point-NN's equations); the last ``dim - 6 F``
+    channels are zero.
     """
     freqs = dim // 6
     if freqs == 0:
         raise ValueError(f"the sin/cos embedding needs dim >= 6, got {dim}")
     steps = torch.arange(freqs, device=xyz.device, dtype=xyz.dtype) / freqs
     angles = beta * xyz.unsqueeze(-1) / alpha ** steps
-    emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    pairs = [angles.sin(), angles.cos()]
+    per_axis = torch.stack(pairs, dim=-1).flatten(-2) if interleave else torch.cat(pairs, dim=-1)
+    emb = per_axis.flatten(-2)
     pad = dim - emb.shape[-1]
     return nn.functional.pad(emb, (0, pad)) if pad else emb
+
+
+def normalize_offsets(offsets: Tensor, norm: NormMode) -> Tensor:
+    """Normalise the neighbour offsets ``(B, G, k, 3)`` of a grouping: ``scan`` divides each axis by
+    its max |offset| over the k neighbours of the group; ``mn40`` divides by the std of all offsets of
+    the sample; ``mn40_batch`` by the std of all offsets of the whole batch, as the released
+    ModelNet40 code did (docs/method.md deviation 9)."""
+    if norm == "scan":
+        return offsets / offsets.abs().amax(dim=2, keepdim=True).clamp_min(1e-8)
+    if norm == "mn40_batch":
+        return offsets / (offsets.std() + 1e-5)
+    std = offsets.flatten(1).std(dim=1)
+    return offsets / (std[:, None, None, None] + 1e-5)
+
+
+def sample_and_group(xyz: Tensor, k: int, norm: NormMode) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The grouping of one Point-PN stage: furthest point sampling of half the points, their k
+    nearest neighbours and the normalised neighbour offsets.
+
+    ``xyz (B, N, 3) -> (centre_idx (B, N/2), centres (B, N/2, 3), nbr_idx (B, N/2, k),
+    offsets (B, N/2, k, 3))``.
+    """
+    n = xyz.shape[1]
+    if n < k:
+        raise ValueError(f"a stage groups k={k} neighbours but has only {n} points; give more input points "
+                         f"or a smaller k")
+    centre_idx = furthest_point_sample(xyz, n // 2)
+    centres = gather(xyz, centre_idx)
+    _, nbr_idx = knn(centres, xyz, k)
+    return centre_idx, centres, nbr_idx, normalize_offsets(group(xyz, nbr_idx, centres), norm)
 
 
 class ResidualBlock(nn.Module):
@@ -365,14 +400,7 @@ class PointPNStage(nn.Module):
         self.blocks = nn.Sequential(*[ResidualBlock(width, mid) for _ in range(num_blocks)])
 
     def forward(self, xyz: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
-        n = xyz.shape[1]
-        if n < self.k:
-            raise ValueError(f"a tokenizer stage groups k={self.k} neighbours but has only {n} points; "
-                             f"give more input points or a smaller k")
-        centre_idx = furthest_point_sample(xyz, n // 2)
-        centres = gather(xyz, centre_idx)
-        _, nbr_idx = knn(centres, xyz, self.k)
-        offsets = self._normalize(group(xyz, nbr_idx, centres))
+        centre_idx, centres, nbr_idx, offsets = sample_and_group(xyz, self.k, self.norm)
         if self.training and self.recompute:
             params = [p for block in self.blocks for p in _block_params(block)]
             with torch.autocast(xyz.device.type, enabled=False):  # the fused function runs in fp32
@@ -423,17 +451,6 @@ class PointPNStage(nn.Module):
         centre_grad = grad[:, half:].unflatten(0, nbr_idx.shape).sum(dim=2)
         grad_feats.index_add_(0, (centre_idx + rows[:, None]).flatten(), centre_grad.flatten(0, 1))
         return grad_feats.view_as(feats)
-
-    def _normalize(self, offsets: Tensor) -> Tensor:
-        """``scan``: divide each axis by its max |offset| over the k neighbours of the group;
-        ``mn40``: divide by the std of all offsets of the sample; ``mn40_batch``: by the std of all
-        offsets of the whole batch, as the released ModelNet40 code did (docs/method.md deviation 9)."""
-        if self.norm == "scan":
-            return offsets / offsets.abs().amax(dim=2, keepdim=True).clamp_min(1e-8)
-        if self.norm == "mn40_batch":
-            return offsets / (offsets.std() + 1e-5)
-        std = offsets.flatten(1).std(dim=1)
-        return offsets / (std[:, None, None, None] + 1e-5)
 
 
 
