@@ -164,7 +164,7 @@ class HFRotarySource(RotarySource):
     """
 
     def __init__(self, pretrained: Optional[str] = None, architecture: Optional[dict] = None,
-                 line_length: int = 128, cls_position: float = -1.0, cls_token_id: Optional[int] = None,
+                 line_length: int = 77, cls_position: float = -1.0, cls_token_id: Optional[int] = None,
                  attention: AttentionKind = "bidirectional",
                  dtype: Literal["float32", "bfloat16"] = "float32") -> None:
         super().__init__()
@@ -267,8 +267,9 @@ class HFRotarySource(RotarySource):
         dtype = x.dtype
 
         def attend(attn: nn.Module, h: Tensor) -> Tensor:
+            h = h.to(self.dtype)
             identity = (h.new_ones(1, length, self.head_dim), h.new_zeros(1, length, self.head_dim))
-            out = attn(hidden_states=h.to(self.dtype), position_embeddings=identity, attention_mask=mask,
+            out = attn(hidden_states=h, position_embeddings=identity, attention_mask=mask,
                        any2point_rotary=rotary)[0]
             return out.to(dtype)
 

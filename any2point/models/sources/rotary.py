@@ -52,7 +52,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, pairing: Pairing) -> Tensor:
     rotated = cos.shape[-1]
     head, rest = x[..., :rotated], x[..., rotated:]
     out = head * cos + rotate_pairs(head, pairing) * sin
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+    if not rest.shape[-1]:
+        return out
+    return torch.cat([out, rest.expand(*out.shape[:-1], rest.shape[-1])], dim=-1)
 
 
 def multiview_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, pairing: Pairing) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,8 @@ the projection as for a table source, on top of the rotation.
 Blocks (timm ``EvaBlock``, pre-norm; the post-norm variant is refused) run with the adapter hook on
 the FFN branch: ``x + g_1 Attn(N_1(x))``, then ``x + g_2 MLP(N_2(x))`` (layer-scale gammas where the
 model has them). The attention runs the module's own projections, q/k norms, output norm, gate and
-projection around the multiview rotary attention (:mod:`any2point.models.sources.rotary`).
+projection around the multiview rotary attention (:mod:`any2point.models.sources.rotary`), in a
+parameter-free ``rotary_attention`` module added to each block.
 
 Weights (``pretrained``) are a timm checkpoint file, a folder holding one, or a timm hub id already
 in the local Hugging Face cache, loaded strictly through timm's converter for the family (Meta's
@@ -102,6 +103,19 @@ def eva_attention(attn: nn.Module, x: Tensor, rotations: Optional[tuple[Tensor, 
     return attn.proj_drop(attn.proj(out))
 
 
+class RotaryAttention(nn.Module):
+    """:func:`eva_attention` as a module without parameters, one per block (``block.rotary_attention``):
+    ``forward(attn, x, rotations)``. A module call, so forward hooks on a block's attention modules
+    (the attention figure, ``tools/visualize.py``) see it."""
+
+    def __init__(self, pairing: Pairing) -> None:
+        super().__init__()
+        self.pairing = pairing
+
+    def forward(self, attn: nn.Module, x: Tensor, rotations: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+        return eva_attention(attn, x, rotations, self.pairing)
+
+
 @SOURCES.register()
 class TimmRotarySource(RotarySource):
     """A timm rotary ViT by name, frozen, on a virtual plane: (B, T, C) -> (B, T, C).
@@ -152,6 +166,8 @@ class TimmRotarySource(RotarySource):
         self.grid = tuple(vit.patch_embed.grid_size)
         self.plane_size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
         self.pairing: Pairing = "half" if getattr(vit.blocks[0].attn, "rotate_half", False) else "interleaved"
+        for block in self.blocks:
+            block.rotary_attention = RotaryAttention(self.pairing)
         self.rope = vit.rope.eval()
         self.register_buffer("rope_base", None, persistent=False)
         self.register_buffer("rope_steps", None, persistent=False)
@@ -220,7 +236,7 @@ class TimmRotarySource(RotarySource):
         if index == 0:
             x = self.norm_pre(x)
         block = self.blocks[index]
-        a = eva_attention(block.attn, block.norm1(x), self._rotations(context, x.shape[1]), self.pairing)
+        a = block.rotary_attention(block.attn, block.norm1(x), self._rotations(context, x.shape[1]))
         x = residual(attn_hook, x, block.drop_path1(a if block.gamma_1 is None else block.gamma_1 * a))
         f = block.mlp(block.norm2(x))
         return residual(ffn_hook, x, block.drop_path2(f if block.gamma_2 is None else block.gamma_2 * f))
