@@ -368,3 +368,40 @@ def test_the_attention_figure_reads_a_rotary_source(name: str) -> None:
     centres, attention = cls_attention(model, torch.randn(128, 3))
     assert attention.shape == (centres.shape[0],)
     assert (attention >= 0).all() and 0 < attention.sum() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("name", tiny.ROTARY_SOURCES)
+def test_projection_modes_and_ablations_train_on_a_rotary_source(name: str) -> None:
+    """``multiview`` and ``mean_position`` give different models of the same weights; the ``pe``
+    ablations and causal attention run and train."""
+    cloud = torch.randn(2, 128, 3)
+
+    def logits(projection: dict, **source: object) -> Tensor:
+        torch.manual_seed(0)
+        model = build_model(dict(type="Any2Point", num_classes=3, source=dict(tiny.source(name, width=32), **source),
+                                 tokenizer=dict(type="PointPNTokenizer", k=8), projection=projection,
+                                 tuner=tiny.TUNERS["any2point"])).eval()
+        randomize_(model.source)  # far from timm's tiny init (layer scales of 1e-5 hide the attention)
+        out = model(cloud)
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+        return out.detach()
+
+    multiview = logits(dict(type="VirtualProjection"))
+    assert not torch.allclose(multiview, logits(dict(type="VirtualProjection", rotary="mean_position")))
+    for pe in ("none", "sinusoidal", "learnable"):
+        logits(dict(type="VirtualProjection", pe=pe))
+    if name == "hf_qwen3":
+        assert not torch.allclose(multiview, logits(dict(type="VirtualProjection"), attention="causal"))
+
+
+@pytest.mark.parametrize("config", ["any2point_qwen3_0.6b", "any2point_dinov3_vitb16"])
+def test_the_sources_page_states_the_configs_counts(config: str) -> None:
+    from tools.count_params import count_params
+
+    root = Path(__file__).resolve().parents[1]
+    counts = count_params(str(root / f"cfgs/scanobjectnn/{config}.yaml"))
+    row = next(line for line in (root / "docs/sources.md").read_text().splitlines() if f"`{config}.yaml`" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert [int(c.replace(",", "")) for c in cells[-3:]] == [counts["trainable_without_head"], counts["trainable"],
+                                                           counts["total"]]
