@@ -46,14 +46,16 @@ def rotate_pairs(x: Tensor, pairing: Pairing) -> Tensor:
     return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor, pairing: Pairing) -> Tensor:
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, pairing: Pairing, rest_scale: float = 1.0) -> Tensor:
     """Rotate the first ``D_r = cos.shape[-1]`` channels of ``x (..., D)`` by the angles whose
-    cosines and sines are ``cos`` / ``sin`` (broadcast to ``x``'s lead dims); the rest pass."""
+    cosines and sines are ``cos`` / ``sin`` (broadcast to ``x``'s lead dims); the rest pass, times
+    ``rest_scale``."""
     rotated = cos.shape[-1]
     head, rest = x[..., :rotated], x[..., rotated:]
     out = head * cos + rotate_pairs(head, pairing) * sin
     if not rest.shape[-1]:
         return out
+    rest = rest * rest_scale if rest_scale != 1.0 else rest
     return torch.cat([out, rest.expand(*out.shape[:-1], rest.shape[-1])], dim=-1)
 
 
@@ -63,12 +65,12 @@ def multiview_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, pairing: Pairin
     ``(B, H_kv, T, V*D)``, each copy scaled by ``1 / sqrt(V)``, so that the dot product of a query
     and a key is the mean over the views of their rotated dot products."""
     views = cos.shape[1]
-    scale = views ** -0.5
+    # (B, 1, T, V, D_r), the 1/sqrt(V) folded in; the rotated copies come out as (B, H, T, V, D), whose
+    # last two dimensions flatten to the widened head without a copy.
+    cos, sin = (t.transpose(1, 2).unsqueeze(1) * views ** -0.5 for t in (cos, sin))
 
     def widen(x: Tensor) -> Tensor:
-        per_view = rotate(x.unsqueeze(2), cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype), pairing)
-        out = per_view.permute(0, 1, 3, 2, 4).flatten(-2)  # (B, H, T, V * D), view-major per token
-        return out * scale if views > 1 else out
+        return rotate(x.unsqueeze(3), cos.to(x.dtype), sin.to(x.dtype), pairing, views ** -0.5).flatten(-2)
 
     return widen(q), widen(k)
 
