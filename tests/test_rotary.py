@@ -164,7 +164,7 @@ def test_rotary_mode_is_refused_on_a_table_source_and_checked() -> None:
 
 
 def test_plane_pixels_become_patch_coordinates() -> None:
-    source = tiny_source("timm_dinov3")  # 64 px plane, 16 px patches
+    source = tiny_source("timm_dinov3")  # 128 px plane, 16 px patches
     pixels = torch.tensor([[0.0, 0.0], [8.0, 24.0], [63.0, 40.0]])
     torch.testing.assert_close(source.rotary_coordinates(pixels), torch.tensor([[-0.5, -0.5], [0.0, 1.0],
                                                                                [3.4375, 2.0]]))
@@ -259,7 +259,8 @@ def test_bfloat16_weights_run_with_a_float32_stream_and_float32_trainables(tuner
 
 @pytest.mark.parametrize("model_name", TIMM_MODELS)
 def test_timm_rotary_blocks_equal_timm_blocks(model_name: str) -> None:
-    img = 64 if "patch16" in model_name else 56
+    # EVA-02 scales its rotary grid to its own 16 x 16; DINOv3 normalises it to the image (8 x 8 here)
+    img = 224 if model_name.startswith("eva02") else 128 if "dinov3" in model_name else 64
     source = randomize_(TimmRotarySource(model_name, img_size=img, **TIMM_TINY))
     vit = randomize_(timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img, **TIMM_TINY))
     height, width = vit.patch_embed.grid_size
@@ -279,6 +280,11 @@ def test_timm_rotary_blocks_equal_timm_blocks(model_name: str) -> None:
         ours = source.forward_block(index, ours, context=context)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
     assert source.modality_dim == 2 and (source.position_table is not None) == (vit.pos_embed is not None)
+
+
+def test_a_grid_too_coarse_to_read_the_rotary_rule_off_is_refused() -> None:
+    with pytest.raises(ConfigError, match="use a larger img_size"):  # EVA-02 on 4 x 4 of its 16 x 16 grid
+        TimmRotarySource("eva02_tiny_patch14_224", img_size=56, **TIMM_TINY)
 
 
 def test_rope_mixed_vits_are_refused_by_name() -> None:
@@ -311,16 +317,16 @@ def test_hf_rotary_loads_a_saved_model_strictly(tmp_path: Path) -> None:
 
 
 def test_timm_rotary_loads_a_saved_checkpoint_strictly(tmp_path: Path) -> None:
-    vit = randomize_(timm.create_model("vit_base_patch16_dinov3", pretrained=False, img_size=64, **TIMM_TINY))
+    vit = randomize_(timm.create_model("vit_base_patch16_dinov3", pretrained=False, img_size=128, **TIMM_TINY))
     torch.save(vit.state_dict(), tmp_path / "pytorch_model.bin")
-    source = TimmRotarySource("vit_base_patch16_dinov3", img_size=64, pretrained=str(tmp_path), **TIMM_TINY)
+    source = TimmRotarySource("vit_base_patch16_dinov3", img_size=128, pretrained=str(tmp_path), **TIMM_TINY)
     torch.testing.assert_close(source.blocks.state_dict(), vit.blocks.state_dict())
     torch.testing.assert_close(source.cls_token, vit.cls_token)
     state = vit.state_dict()
     del state["blocks.1.mlp.fc1.weight"]
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="blocks.1.mlp.fc1.weight"):
-        TimmRotarySource("vit_base_patch16_dinov3", img_size=64, pretrained=str(tmp_path), **TIMM_TINY)
+        TimmRotarySource("vit_base_patch16_dinov3", img_size=128, pretrained=str(tmp_path), **TIMM_TINY)
 
 
 @pytest.mark.parametrize("source, ref", [(HFRotarySource, "Qwen/Qwen3-0.6B"),

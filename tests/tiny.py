@@ -37,8 +37,9 @@ def source(name: str, width: int = 64) -> dict:
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
                                            intermediate_size=2 * width, max_position_embeddings=64,
                                            bos_token_id=1)),
-        # A 4 x 4 grid of 16 px patches, 4 register tokens, half-split rotary pairs.
-        "timm_dinov3": dict(type="TimmRotarySource", model_name="vit_base_patch16_dinov3", img_size=64,
+        # An 8 x 8 grid of 16 px patches (coarser grids turn DINOv3's fastest rotary channel by more than a
+        # quarter turn per patch), 4 register tokens, half-split rotary pairs.
+        "timm_dinov3": dict(type="TimmRotarySource", model_name="vit_base_patch16_dinov3", img_size=128,
                             embed_dim=width, depth=2, num_heads=4),
         "point_mae": dict(type="PointMAESource", **points),
         "point_bert": dict(type="PointBERTSource", **points),

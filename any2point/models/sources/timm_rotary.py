@@ -49,6 +49,10 @@ from any2point.registry import SOURCES
 _UNUSED_PREFIXES = ("patch_embed.", "head.", "attn_pool.", "reg_token", "rope.")
 #: Largest difference allowed between timm's rotary embedding and the linear rule read off it.
 ROPE_FIT_TOLERANCE = 1e-4
+#: Largest step per patch (rad) read off a grid: integer patches cannot tell a step from the step plus
+#: a whole turn, so steps are read only where they are far below half a turn (on the models' own
+#: grids the fastest channel turns by at most about 1 rad per patch).
+MAX_ROPE_STEP = math.pi / 2
 
 
 def _wrap(angle: Tensor) -> Tensor:
@@ -59,8 +63,8 @@ def _wrap(angle: Tensor) -> Tensor:
 def fit_axial_rope(sin: Tensor, cos: Tensor, grid: tuple[int, int], what: str) -> tuple[Tensor, Tensor]:
     """The linear rule of a 2D axial rotary embedding given on a ``grid = (H, W)`` of patches, row-major
     (``sin``, ``cos``: ``(H*W, D_r)``): the angles at patch (0, 0) ``(D_r,)`` and their steps per row
-    and per column ``(2, D_r)``. A :class:`ConfigError` when the rule does not reproduce the
-    embedding on the whole grid (within :data:`ROPE_FIT_TOLERANCE`)."""
+    and per column ``(2, D_r)``. A :class:`ConfigError` when a step exceeds :data:`MAX_ROPE_STEP`
+    or the rule does not reproduce the embedding on the whole grid (within :data:`ROPE_FIT_TOLERANCE`)."""
     height, width = grid
     if height < 2 or width < 2:
         raise ConfigError(f"{what}: the patch grid {grid} is too small to read the rotary rule off (2 x 2 at least)")
@@ -70,6 +74,10 @@ def fit_axial_rope(sin: Tensor, cos: Tensor, grid: tuple[int, int], what: str) -
     steps = torch.stack([_wrap(angle[width] - base), _wrap(angle[1] - base)])
     rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
                                 indexing="ij")
+    if steps.abs().max() > MAX_ROPE_STEP + 1e-3:
+        raise ConfigError(f"{what}: a channel of its rotary embedding turns by {steps.abs().max().item():.2f} rad "
+                          f"per patch on the {grid} grid; above {MAX_ROPE_STEP:.2f} its rule cannot be read off "
+                          f"the grid unambiguously; use a larger img_size (the model's own grid)")
     fitted = base + rows.reshape(-1, 1) * steps[0] + cols.reshape(-1, 1) * steps[1]
     error = max((fitted.cos() - cos).abs().max().item(), (fitted.sin() - sin).abs().max().item())
     if not math.isfinite(error) or error > ROPE_FIT_TOLERANCE:
