@@ -412,3 +412,20 @@ def test_the_sources_page_states_the_configs_counts(config: str) -> None:
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert [int(c.replace(",", "")) for c in cells[-3:]] == [counts["trainable_without_head"], counts["trainable"],
                                                            counts["total"]]
+
+
+@pytest.mark.parametrize("name", tiny.ROTARY_SOURCES)
+def test_checkpointed_blocks_give_the_plain_step(name: str) -> None:
+    """``model.checkpoint_blocks`` recomputes each block in backward with the batch's positions."""
+    grads = []
+    for checkpoint_blocks in (False, True):
+        torch.manual_seed(0)
+        model = build_model(dict(type="Any2Point", num_classes=3, source=tiny.source(name, width=32),
+                                 tokenizer=dict(type="PointPNTokenizer", k=8), tuner=tiny.TUNERS["adapter_tuning"],
+                                 checkpoint_blocks=checkpoint_blocks))
+        torch.manual_seed(1)
+        F.cross_entropy(model(torch.randn(2, 128, 3)), torch.tensor([0, 2])).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, rtol=1e-5, atol=1e-6)
