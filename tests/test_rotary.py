@@ -429,3 +429,13 @@ def test_checkpointed_blocks_give_the_plain_step(name: str) -> None:
     assert grads[0].keys() == grads[1].keys()
     for key, grad in grads[0].items():
         torch.testing.assert_close(grads[1][key], grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_multiview_attention_on_cuda_equals_the_cpu() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    cos, sin = cos_sin(torch.rand(2, 6, 9, 4) * 5, "half")
+    cpu = rotary_attention(q, k, v, cos, sin, "half", 8 ** -0.5)
+    cuda = rotary_attention(*(t.cuda() for t in (q, k, v, cos, sin)), "half", 8 ** -0.5)
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-4)
