@@ -44,5 +44,13 @@ def test_one_json_line_with_stages_adding_up(tmp_path: Path, capsys: pytest.Capt
           "--no-memory-process", "+model.tokenizer.recompute=false", "+model.tuner.checkpoint=false"])
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plain["flops_per_step"] == plain["flops_executed_per_step"] == report["flops_per_step"]
+    # Counted on half the batch and scaled: the same figure (every counted operator works per sample),
+    # but for the data-dependent part (the adapter's non-empty cells) of the clouds left out.
+    counts = []
+    for extra in ([], ["--flops-batch-size", "2"]):
+        main(["--config", str(cfg), "--batch-size", "4", "--points", "128", "--repeats", "1", "--no-breakdown",
+              "--no-memory-process", *extra])
+        counts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["flops_per_step"])
+    assert counts[1] == pytest.approx(counts[0], rel=1e-3) and counts[1] != counts[0] / 2
     assert report["flops_executed_per_step"] != report["flops_per_step"]
     assert report["device_waits_per_step"] == sum(report["device_waits"].values()) > 0  # the adapter's cells

@@ -27,9 +27,9 @@ from tests import tiny
 
 SOURCES = {name: tiny.source(name, width=32) for name in tiny.SOURCE_NAMES if not name.startswith("point_")}
 TUNERS = tiny.TUNERS
-# Every tuner on the three paper sources; the guided adapter and LoRA (which reaches into the
-# source's own attention layout) on every source family.
-CASES = ([(s, t) for s in ("clip_text", "dinov2", "imagebind_audio") for t in TUNERS]
+# Every tuner on the three paper sources and on the rotary sources (a decoder LLM, a rotary ViT); the
+# guided adapter and LoRA (which reaches into the source's own attention layout) on every source family.
+CASES = ([(s, t) for s in ("clip_text", "dinov2", "imagebind_audio") + tiny.ROTARY_SOURCES for t in TUNERS]
          + [(s, t) for s in ("hf_bert", "hf_clip_text", "timm_deit3", "ast") for t in ("any2point", "lora")])
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +93,10 @@ def test_steps_change_exactly_the_declared_trainable_tensors(source: str, tuner:
         assert torch.equal(getattr(model.source, name), value), name
 
 
-@pytest.mark.parametrize("source, tuner", [(s, t) for s, t in CASES if s in ("clip_text", "dinov2")])
+ROUND_TRIP = ("clip_text", "dinov2") + tiny.ROTARY_SOURCES
+
+
+@pytest.mark.parametrize("source, tuner", [(s, t) for s, t in CASES if s in ROUND_TRIP])
 def test_checkpoint_holds_the_trainable_state_and_round_trips(source: str, tuner: str) -> None:
     model = tiny_model(source, tuner)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

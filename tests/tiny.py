@@ -5,7 +5,10 @@ from __future__ import annotations
 
 #: The three sources of the paper's tables.
 PAPER_SOURCES = ("clip_text", "dinov2", "imagebind_audio")
-SOURCE_NAMES = PAPER_SOURCES + ("hf_bert", "hf_clip_text", "timm_deit3", "ast", "point_mae", "point_bert")
+#: The rotary sources (no position table): a decoder LLM on a virtual line, a rotary ViT on a plane.
+ROTARY_SOURCES = ("hf_qwen3", "timm_dinov3")
+SOURCE_NAMES = (PAPER_SOURCES + ("hf_bert", "hf_clip_text", "timm_deit3", "ast", "point_mae", "point_bert")
+                + ROTARY_SOURCES)
 
 
 def source(name: str, width: int = 64) -> dict:
@@ -28,6 +31,16 @@ def source(name: str, width: int = 64) -> dict:
                            depth=2, num_heads=4),
         "ast": dict(type="ASTSource", architecture=dict(model_type="audio-spectrogram-transformer", num_mel_bins=36,
                                                         max_length=56, **hf)),
+        # Grouped-query attention (4 query heads, 2 key/value heads) and q/k norms.
+        "hf_qwen3": dict(type="HFRotarySource", line_length=16,
+                         architecture=dict(model_type="qwen3", vocab_size=99, hidden_size=width, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
+                                           intermediate_size=2 * width, max_position_embeddings=64,
+                                           bos_token_id=1)),
+        # An 8 x 8 grid of 16 px patches (coarser grids turn DINOv3's fastest rotary channel by more than a
+        # quarter turn per patch), 4 register tokens, half-split rotary pairs.
+        "timm_dinov3": dict(type="TimmRotarySource", model_name="vit_base_patch16_dinov3", img_size=128,
+                            embed_dim=width, depth=2, num_heads=4),
         "point_mae": dict(type="PointMAESource", **points),
         "point_bert": dict(type="PointBERTSource", **points),
     }

@@ -204,6 +204,9 @@ def pe_similarity(model: nn.Module, points: Tensor, index: int) -> tuple[Tensor,
     if projection is None:
         raise UserError(f"the PE figure shows the virtual projection; source '{source.name}' is 3D-pretrained "
                         f"and has none")
+    if source.position_table is None:
+        raise UserError(f"the PE figure samples a position table; source '{source.name}' is rotary and has none "
+                        f"(its positions are rotations); leave it out of --figures (e.g. --figures attention,clusters)")
     unit = normalize_to_unit_sphere(points[None].float())
     if source.modality_dim == 1:
         per_view = sample_table_1d(source.pos_embed_1d.float(), projection.positions(unit, "1d"))[0]

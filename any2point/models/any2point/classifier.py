@@ -207,6 +207,9 @@ class Any2Point(nn.Module):
             raise ValueError(f"levels {list(levels)} must be block numbers from 1 to {self.source.depth}")
         embedded = self.source.embed_points(points, self.tokenizer, self.projection)
         context = self.tuner.prepare(embedded)
+        # What the blocks need from this batch besides the tokens (a rotary source's positions).
+        block_context = self.source.block_context(embedded)
+        extra = () if block_context is None else (block_context,)
         centres, tokens, pe = embedded.centres, embedded.tokens, embedded.pe
         b = tokens.shape[0]
         initial = self.pe_injection != "every_block"
@@ -223,9 +226,9 @@ class Any2Point(nn.Module):
                 x = x + self._block_pe(pe, x)
             hooks = self.tuner.hooks(index, context)
             if checkpoint_blocks:
-                x = checkpoint(self.source.forward_block, index, x, hooks.ffn, hooks.attn)
+                x = checkpoint(self.source.forward_block, index, x, hooks.ffn, hooks.attn, *extra)
             else:
-                x = self.source.forward_block(index, x, ffn_hook=hooks.ffn, attn_hook=hooks.attn)
+                x = self.source.forward_block(index, x, hooks.ffn, hooks.attn, *extra)
             if index + 1 in levels:
                 after[index + 1] = self.source.norm(x[:, -count:])
         x = self.source.norm(x)

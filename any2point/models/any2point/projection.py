@@ -25,6 +25,13 @@ The released code's own geometry is here too, each part behind its own off-by-de
 
 :class:`VirtualProjection` wires them to a source and offers the positional-embedding variants of
 the paper's Table 4: ``virtual`` (default), ``none``, ``sinusoidal`` and ``learnable``.
+
+On a rotary source (:mod:`any2point.models.sources.rotary`), which has no table, ``pe: virtual``
+hands the M positions of every token to the source's rotary embedding instead (``rotary:
+multiview``, the mean of the M views' attention logits, or ``rotary: mean_position``, one rotation
+at the mean position); a rotary source that keeps an absolute table too (EVA-02) also gets the
+sampled table. The other ``pe`` kinds give a rotary source no positions (every token at one
+position, no rotation) and add their embedding as on any source.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ from torch import Tensor
 
 from any2point.extensions import voxel_ids
 from any2point.models.sources.base import SourceTransformer
+from any2point.models.sources.rotary import RotaryMode, RotarySource
 from any2point.models.any2point.tokenizer import sincos_embedding
 from any2point.registry import PROJECTIONS
 from any2point.errors import ConfigError
@@ -299,12 +307,17 @@ class Projected:
         xyz: the token centres in the projection's frame ``(B, G, 3)``: normalised to the unit sphere
             (``frame: unit_sphere``) or as given (``frame: data``); the 3D cells and voxels use them.
         positions: per view, rows ``(B, M, G)`` (1D source) or pixels ``(B, M, G, 2)`` (2D source).
-        pe: the positional embedding to add to the tokens ``(B, G, C)``, or ``None`` (``pe: none``).
+        pe: the positional embedding to add to the tokens ``(B, G, C)``, or ``None`` (``pe: none``, or
+            a rotary source without a table).
+        rotary: a rotary source's positions: ``positions`` (``rotary: multiview``, V = M views) or
+            their mean over the views (``mean_position``, V = 1), ``(B, V, G)`` or ``(B, V, G, 2)``;
+            ``None`` for a table source and for the ``pe`` ablations.
     """
 
     xyz: Tensor
     positions: Tensor
     pe: Optional[Tensor]
+    rotary: Optional[Tensor] = None
 
 
 @PROJECTIONS.register()
@@ -351,6 +364,10 @@ class VirtualProjection(nn.Module):
             square plane (deviation 2).
         pe_2d_scramble: reshape the sampled 2D embeddings without the transpose
             (:func:`scramble_2d`; deviation 2).
+
+    Rotary sources (no table: the line length or the plane is the source's setting):
+
+        rotary: ``multiview`` (default) or ``mean_position``; only for rotary sources.
     """
 
     injected_args = ("source",)
@@ -360,8 +377,15 @@ class VirtualProjection(nn.Module):
                  views: ViewKind = "pointclip", trans: float = 1.4, line_length: Optional[int] = None,
                  plane_size: Optional[list[int]] = None, frame: Frame = "unit_sphere",
                  line_index: IndexKind = "paper", plane_index: IndexKind = "paper",
-                 official_grid_view: bool = False, pe_2d_scramble: bool = False) -> None:
+                 official_grid_view: bool = False, pe_2d_scramble: bool = False,
+                 rotary: Optional[RotaryMode] = None) -> None:
         super().__init__()
+        self.is_rotary = isinstance(source, RotarySource)
+        if rotary is not None and not self.is_rotary:
+            raise ConfigError(f"projection rotary applies to rotary sources only; {source.name} has a position table")
+        if rotary is not None and rotary not in RotaryMode.__args__:
+            raise ConfigError(f"projection rotary must be one of {RotaryMode.__args__}, got '{rotary}'")
+        self.rotary = (rotary or "multiview") if self.is_rotary else None
         for key, value, allowed in (("frame", frame, Frame), ("line_index", line_index, IndexKind),
                                     ("plane_index", plane_index, IndexKind)):
             if value not in allowed.__args__:
@@ -395,7 +419,7 @@ class VirtualProjection(nn.Module):
         if self.modality_dim == 1:
             if line_length is not None:
                 raise ConfigError("projection line_length is set by a 1D source's own table; leave it unset")
-            self.line_length = source.pos_embed_1d.shape[0]
+            self.line_length = source.line_length if self.is_rotary else source.pos_embed_1d.shape[0]
             self.plane_size = tuple(plane_size) if plane_size is not None else None
         else:
             if plane_size is not None:
@@ -482,8 +506,9 @@ class VirtualProjection(nn.Module):
             return line_cells(positions, self.line_length, size)
         return plane_cells(positions, self.view_plane, size)
 
-    def forward(self, centres: Tensor, table: Tensor) -> Projected:
-        """``centres (B, G, 3)`` and the source table -> :class:`Projected`."""
+    def forward(self, centres: Tensor, table: Optional[Tensor]) -> Projected:
+        """``centres (B, G, 3)`` and the source table (``None`` for a rotary source without one) ->
+        :class:`Projected`."""
         if centres.ndim != 3 or centres.shape[-1] != 3:
             raise ValueError(f"token centres must have shape (B, G, 3), got {tuple(centres.shape)}")
         unit = normalize_to_unit_sphere(centres)
@@ -491,13 +516,16 @@ class VirtualProjection(nn.Module):
         kind = "1d" if self.modality_dim == 1 else "2d"
         positions = self.positions(xyz, kind)
         pe: Optional[Tensor] = None
-        if self.pe_kind == "virtual":
+        rotary: Optional[Tensor] = None
+        if self.pe_kind == "virtual" and self.is_rotary:
+            rotary = positions if self.rotary == "multiview" else positions.mean(dim=1, keepdim=True)
+        if self.pe_kind == "virtual" and table is not None:
             pe = self._sample(table, positions, kind).mean(dim=1).to(centres.dtype)
         elif self.pe_kind == "sinusoidal":
             pe = sincos_embedding(unit, self.dim)
         elif self.pe_kind == "learnable":
             pe = self.mlp(unit)
-        return Projected(xyz=xyz, positions=positions, pe=pe)
+        return Projected(xyz=xyz, positions=positions, pe=pe, rotary=rotary)
 
     def _sample(self, table: Tensor, positions: Tensor, kind: Literal["1d", "2d"]) -> Tensor:
         """The source's embeddings at the positions: ``(B, M, G, C)``."""
@@ -514,4 +542,4 @@ class VirtualProjection(nn.Module):
     def extra_repr(self) -> str:
         geometry = (f"lines={self.num_views}, length={self.line_length}" if self.modality_dim == 1
                     else f"views={self.views} x {self.num_views}, plane={self.plane_size}, trans={self.trans}")
-        return f"pe={self.pe_kind}, {geometry}"
+        return f"pe={self.pe_kind}, {geometry}" + (f", rotary={self.rotary}" if self.is_rotary else "")

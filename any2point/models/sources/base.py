@@ -218,6 +218,12 @@ class SourceTransformer(nn.Module):
         projected = projection(centres, self.position_table)
         return Embedded(centres, tokens, projected.pe, self, projected, projection)
 
+    def block_context(self, embedded: Embedded) -> Any:
+        """What every block needs from a batch besides its tokens, passed to :meth:`forward_block` after
+        the hooks; ``None`` (nothing) but for rotary sources, whose blocks get the batch's positions
+        (:mod:`any2point.models.sources.rotary`)."""
+        return None
+
     def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
                       attn_hook: Optional[ResidualHook] = None) -> Tensor:
         """Run block ``index`` on tokens ``x`` (B, T, C) -> (B, T, C), calling ``ffn_hook(x, f)`` in

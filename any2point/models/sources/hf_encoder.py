@@ -306,7 +306,7 @@ def _position_table(embeddings: nn.Module, what: str) -> tuple[nn.Embedding, int
             return table, offset
     raise ConfigError(f"{what}: {type(embeddings).__name__} has no absolute position-embedding table "
                      f"(position_embeddings / position_embedding): models with relative or rotary positions "
-                     f"have no table to project onto")
+                     f"have no table to project onto (rotary models: use HFRotarySource)")
 
 
 @SOURCES.register()

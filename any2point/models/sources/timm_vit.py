@@ -16,7 +16,7 @@ Block 0 first applies the model's ``norm_pre`` (CLIP-style ViTs normalise the em
 before the blocks; the identity elsewhere). ``norm`` is the model's final norm, or its ``fc_norm``
 when the final norm is the identity (average-pooled models). Models with tokens the method has no
 slot for (register or distillation tokens), without an absolute table, or with rotary embeddings
-tied to the image grid (EVA-02) are rejected by name.
+(EVA-02, DINOv3, RoPE ViTs: :class:`~any2point.models.sources.timm_rotary.TimmRotarySource`) are rejected by name.
 
 Weights (``pretrained``) are a timm checkpoint file (``model.safetensors`` / ``pytorch_model.bin``
 as timm publishes them, or the original ``.pth`` files timm converts, e.g. DeiT's), a folder holding
@@ -153,8 +153,8 @@ class TimmViTSource(SourceTransformer):
         if vit.pos_embed is None:
             raise ConfigError(f"{what} has no absolute positional table to project onto")
         if getattr(vit, "rope", None) is not None:
-            raise ConfigError(f"{what} uses rotary position embeddings tied to the image grid, which 3D "
-                             f"tokens do not have")
+            raise ConfigError(f"{what} uses rotary position embeddings, which this table source does not "
+                             f"give 3D tokens; use TimmRotarySource")
         patch = vit.patch_embed.patch_size
         if patch[0] != patch[1]:
             raise ConfigError(f"{what} has non-square patches {tuple(patch)}")

@@ -60,12 +60,14 @@ class LoRAWrapper(nn.Module):
         self.lora_B = nn.ParameterDict()
         for w in weights:
             weight = base.get_parameter(w.param)
+            # Factors of a half-precision (e.g. bfloat16) frozen weight train in float32.
+            dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
             for target, (start, stop) in w.rows.items():
-                a = torch.empty(rank, weight.shape[1], dtype=weight.dtype, device=weight.device)
+                a = torch.empty(rank, weight.shape[1], dtype=dtype, device=weight.device)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 self.lora_A[_key(w.param, target)] = nn.Parameter(a)
                 self.lora_B[_key(w.param, target)] = nn.Parameter(
-                    torch.zeros(stop - start, rank, dtype=weight.dtype, device=weight.device))
+                    torch.zeros(stop - start, rank, dtype=dtype, device=weight.device))
 
     def delta(self, param: str) -> Tensor:
         """The dense update of weight ``param`` (out, in): ``scale * B_t A_t`` on each target's rows."""
