@@ -22,7 +22,8 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
   ``any2point/utils/device_waits.py``), counted on any device, and ``device_waits`` per operator;
 - ``peak_memory_bytes``: CUDA ``max_memory_allocated`` over a step; on the CPU the peak resident
   memory of a fresh process that builds the model and runs two steps (``memory_process``), and its
-  resident memory before the first step (``rss_before_step_bytes``);
+  resident memory before the first step (``rss_before_step_bytes``); ``bench_peak_rss_bytes`` is the
+  peak of the benchmark's own process (steps, FLOP count and breakdown);
 - ``stages``: per stage of the model (tokenizer, projection, blocks, adapters, head, other) the time
   of its operators, forward and backward, its counted FLOPs and FLOP/s, and the optimizer's time
   (clipping and the update). An operator belongs to the stage of the innermost frame of the model's
@@ -533,6 +534,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         report["memory_process"] = "fresh"
     if not args.no_breakdown and not args.compile:
         report["stages"] = stage_breakdown(step)
+    if step.device.type == "cpu":
+        report["bench_peak_rss_bytes"] = peak_rss_bytes()  # this process: the steps, the count, the breakdown
     print(json.dumps(report))
     return report
 

@@ -20,7 +20,7 @@ from tests.conftest import TINY_SOURCES
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model(source: str, adapter_checkpoint: bool, checkpoint_blocks: bool | str, block_memory_gb: float = 1.5,
+def tiny_model(source: str, adapter_checkpoint: bool, checkpoint_blocks: bool | str, block_memory_gb: float = 1.2,
                **tuner) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(dict(
@@ -153,7 +153,7 @@ def test_auto_block_checkpointing_decides_from_the_batch_and_the_budget(source, 
     model.eval()
     model(points)
     model.train()
-    model.block_memory_gb = 1.5  # the default: a tiny model's blocks stay as they are
+    model.block_memory_gb = 1.2  # the default: a tiny model's blocks stay as they are
     model(points).sum().backward()
     assert not calls
 

@@ -81,3 +81,24 @@ def test_model_flops_of_the_step_itself_equal_a_copy_without_recomputation(tmp_p
     executed, model = count_flops(step)
     assert model == reference
     assert executed != model  # the lean tokenizer and the checkpointed branches did run twice
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_times_test_style_forward_passes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    report = main(["--config", str(cfg), "--batch-size", "4", "--points", "128", "--repeats", "2", "--eval",
+                   "--no-memory-process"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert report["mode"] == "eval" and 0 < report["mfu"] < 1
+    assert report["samples_per_s"] == pytest.approx(4 / report["step_s_median"], rel=1e-2)
+    # The FLOPs are those of the model's forward pass in eval mode without a gradient (brute force).
+    step = Step(parse_args(["--config", str(cfg), "--batch-size", "4", "--points", "128"]))
+    step.model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        step.model(step.points)
+    assert report["flops_per_step"] == report["flops_executed_per_step"] == counter.get_total_flops()
+    assert report["flops_per_sample"] * 4 == report["flops_per_step"]
+    stages = report["stages"]  # the forward pass only: no optimizer
+    assert "optimizer" not in stages and stages["tokenizer"]["flops"] > 0 and stages["blocks"]["flops"] > 0
+    assert sum(stage["flops"] for stage in stages.values()) == report["flops_per_step"]

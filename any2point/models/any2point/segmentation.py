@@ -85,7 +85,7 @@ class Any2PointSeg(Any2Point):
                  levels: Sequence[int] = (4, 8, 12), token_dim: int = 256, head_widths: Sequence[int] = (256, 128),
                  head_dropout: float = 0.5, pe_injection: Optional[PEInjection] = None, random_cls_pos: bool = False,
                  final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None,
-                 checkpoint_blocks: BlockCheckpointing = "auto", block_memory_gb: float = 1.5) -> None:
+                 checkpoint_blocks: BlockCheckpointing = "auto", block_memory_gb: float = 1.2) -> None:
         if num_parts < 1:
             raise ConfigError(f"model num_parts must be positive, got {num_parts}")
         if token_dim < 1:
