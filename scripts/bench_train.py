@@ -8,12 +8,12 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
   calling thread over those steps (with ``--threads 1`` a figure a busy shared machine disturbs
   far less than wall time);
 - ``flops_per_step``: the model FLOPs of a step, counted by ``torch.utils.flop_counter`` (matmuls,
-  convolutions and attention; element-wise work is not counted, as usual for MFU) on a copy of the
-  model with recomputation switched off (the tokenizer's lean path, activation checkpointing), so
-  that recomputed work does not count as useful (``--flops-batch-size N``: counted on N clouds and
-  scaled to the batch, for a machine without the memory of that plain step; the data-dependent
-  cells make it approximate); ``flops_executed_per_step`` counts the step as it
-  runs (recomputation included; the counter's registry misses in-place ``addmm_``);
+  convolutions and attention; element-wise work is not counted, as usual for MFU) without the work
+  the memory-saving paths add (the tokenizer's lean path, activation checkpointing), so that
+  recomputed work does not count as useful; ``flops_executed_per_step`` counts the step as it runs
+  (recomputation included; the counter's registry misses in-place ``addmm_``). Both come from one
+  counted step of the model as configured (:class:`StepFlops`), so counting needs no more memory
+  than the step;
 - ``matmul_flops_per_s``: the best of several dense square matmuls (fp32, or bf16 with ``--amp``)
   timed in the same run, before and after the steps; ``mfu`` = FLOPs per step / median step time /
   that figure, and ``mfu_thread_cpu`` the same from thread CPU times (step and matmul);
@@ -22,7 +22,8 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
   ``any2point/utils/device_waits.py``), counted on any device, and ``device_waits`` per operator;
 - ``peak_memory_bytes``: CUDA ``max_memory_allocated`` over a step; on the CPU the peak resident
   memory of a fresh process that builds the model and runs two steps (``memory_process``), and its
-  resident memory before the first step (``rss_before_step_bytes``);
+  resident memory before the first step (``rss_before_step_bytes``); ``bench_peak_rss_bytes`` is the
+  peak of the benchmark's own process (steps, FLOP count and breakdown);
 - ``stages``: per stage of the model (tokenizer, projection, blocks, adapters, head, other) the time
   of its operators, forward and backward, its counted FLOPs and FLOP/s, and the optimizer's time
   (clipping and the update). An operator belongs to the stage of the innermost frame of the model's
@@ -34,9 +35,13 @@ the optimizer step, on random clouds of ``--points`` points. The script prints o
   names, and survives refactors of the model classes. Timing every operator adds overhead, so these
   figures come from one extra step and are reported as times and shares of their own sum.
 
+With ``--eval`` a "step" is a forward pass as ``main.py --test`` runs it (eval mode, no gradient,
+autocast with ``--amp``): the same figures for that pass (``mode: eval``; ``flops_per_sample`` is
+given in both modes), the stages of the forward pass only.
+
     python scripts/bench_train.py --config cfgs/scanobjectnn/any2point_clip_text.yaml \\
         [--batch-size 8] [--points 1024] [--threads 1] [--device cpu|cuda] [--amp] [--compile] \\
-        [--repeats 3] [key=value ...]
+        [--repeats 3] [--eval] [key=value ...]
 
 Config overrides (``key=value``) follow the options; ``model.source.pretrained=null`` is applied
 by default so no weight file is needed.
@@ -72,6 +77,8 @@ from any2point.engine.optim import build_optimizer  # noqa: E402
 from any2point.utils.device_waits import DeviceWaits  # noqa: E402
 from any2point.engine.runtime import autocast  # noqa: E402
 from any2point.utils.cpu_memory import keep_freed_memory  # noqa: E402
+from any2point.models.any2point.tokenizer import PointPNStage  # noqa: E402
+from any2point.utils.activation_checkpoint import is_recomputing  # noqa: E402
 
 STAGES = ("tokenizer", "projection", "blocks", "adapters", "head", "other")
 # Source files of the model -> stage; the innermost matching frame of a call decides.
@@ -100,8 +107,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in training)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--flops-batch-size", type=int, default=None,
-                        help="count the model FLOPs on this many clouds and scale (less memory; default: the batch)")
+    parser.add_argument("--eval", action="store_true",
+                        help="time --test-style forward passes (eval mode, no gradient) instead of training steps")
     parser.add_argument("--system-malloc", action="store_true",
                         help="CPU: leave glibc's malloc as it is, as the trainer does with "
                              "train.keep_freed_memory=false (by default it keeps freed memory for reuse)")
@@ -122,7 +129,8 @@ class Step:
         self.device = torch.device(args.device)
         self.amp = args.amp
         torch.manual_seed(0)
-        self.model = build_model(self.cfg.model).to(self.device).train()
+        self.evaluating = args.eval
+        self.model = build_model(self.cfg.model).to(self.device).train(not args.eval)
         self.net = torch.compile(self.model) if args.compile else self.model
         self.optimizer = build_optimizer(self.cfg.optimizer, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -147,7 +155,15 @@ class Step:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
 
+    def infer(self) -> torch.Tensor:
+        """A forward pass as ``--test`` runs it: eval mode (set at construction), no gradient."""
+        with torch.no_grad(), autocast(self.device, self.amp):
+            return self.net(self.points)
+
     def __call__(self) -> None:
+        if self.evaluating:
+            self.infer()
+            return
         self.backward(self.forward())
         self.update()
 
@@ -183,39 +199,122 @@ def matmul_flops_per_s(device: torch.device, amp: bool, size: int = 2048, repeat
     return 2 * size**3 / min(wall), 2 * size**3 / min(cpu)
 
 
-def count_flops(step: Step, waits: Optional[DeviceWaits] = None) -> int:
-    """FLOPs of one step; ``waits`` counts the device waits of its forward and backward passes
-    (not the optimizer's: its step counters are CPU tensors by design)."""
+class StepFlops(FlopCounterMode):
+    """Counts a step's FLOPs as it runs (``executed``) and as the model's (``model``): the latter
+    leaves out what the memory-saving paths add, so that recomputed work does not count as useful.
+
+    - Activation checkpointing (``any2point/utils/activation_checkpoint.py``: the tuner's and the
+      blocks'): what runs while :func:`is_recomputing` is true is the forward pass again.
+    - The tokenizer's lean path (a Point-PN stage in training with ``recompute``): its fused function
+      rebuilds activations in several passes (and its in-place ``addmm_`` escapes the counter's
+      registry). Its operators, forward and backward, are left out, and the stage's blocks on plain
+      autograd are counted instead, on the ``meta`` device at the same shapes (no memory, no time).
+
+    The count therefore needs no more memory than the step itself, and equals the count of the same
+    step on a copy of the model with every recomputation switched off (``tests/test_bench_train.py``).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(display=False)
+        self.model = model
+        self.lean_depth = 0  # > 0 while a lean stage's operators run
+        self.not_model = 0
+        self.lean_runs: list[tuple[PointPNStage, int, bool, bool]] = []
+        self.handles: list[Any] = []
+
+    @property
+    def executed(self) -> int:
+        return self.get_total_flops()
+
+    @property
+    def model_flops(self) -> int:
+        """Counted after the step, outside this mode: the lean stages' plain FLOPs on ``meta``."""
+        plain = sum(plain_stage_flops(*run) for run in self.lean_runs)
+        return self.executed - self.not_model + plain
+
+    def __enter__(self) -> "StepFlops":
+        for module in self.model.modules():
+            if isinstance(module, PointPNStage):
+                self.handles += [module.register_forward_pre_hook(self._enter_stage),
+                                 module.register_forward_hook(self._leave_stage)]
+        self.not_model = 0
+        self.lean_runs.clear()
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> Any:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        return super().__exit__(*args)
+
+    def _count_flops(self, func_packet, out, args, kwargs):  # noqa: ANN001, ANN202
+        # FlopCounterMode's per-operator hook: whatever it adds to the total is also left out of the
+        # model's count inside a recomputation or a lean stage.
+        before = self.flop_counts["Global"][func_packet]
+        out = super()._count_flops(func_packet, out, args, kwargs)
+        if self.lean_depth or is_recomputing():
+            self.not_model += self.flop_counts["Global"][func_packet] - before
+        return out
+
+    @staticmethod
+    def _is_lean(stage: PointPNStage) -> bool:
+        return stage.training and stage.recompute
+
+    def _enter_stage(self, stage: PointPNStage, args: tuple) -> None:
+        if self._is_lean(stage):
+            self.lean_depth += 1
+
+    def _leave_stage(self, stage: PointPNStage, args: tuple, output: tuple) -> None:
+        if not self._is_lean(stage):
+            return
+        self.lean_depth -= 1
+        tokens = output[1]
+        grad = torch.is_grad_enabled() and tokens.grad_fn is not None
+        if not is_recomputing():
+            self.lean_runs.append((stage, tokens.shape[0] * tokens.shape[1], args[1].requires_grad, grad))
+        if grad:  # the fused function's backward: its operators are the lean path's too
+            node = tokens.grad_fn
+            node.register_prehook(self._enter_backward)
+            node.register_hook(self._leave_backward)
+
+    def _enter_backward(self, *_: Any) -> None:
+        self.lean_depth += 1
+
+    def _leave_backward(self, *_: Any) -> None:
+        self.lean_depth -= 1
+
+
+def plain_stage_flops(stage: PointPNStage, groups: int, input_grad: bool, backward: bool) -> int:
+    """The counted FLOPs of ``stage``'s residual blocks and max on plain autograd over ``groups``
+    groups of its ``k`` neighbours (forward, and backward if ``backward``; the grouped input needs a
+    gradient if ``input_grad``), run on the ``meta`` device. Batch norms count no FLOPs, so the copy
+    runs them with its running statistics (eval mode: no step counter to read on ``meta``)."""
+    twin = copy.deepcopy(stage).to("meta").eval()
+    rows = torch.empty(groups * stage.k, stage.width, device="meta", requires_grad=input_grad)
     with FlopCounterMode(display=False) as counter:
-        with waits or contextlib.nullcontext():
-            step.backward(step.forward())
-        step.update()
+        with torch.set_grad_enabled(backward):
+            x = rows
+            for block in twin.blocks:
+                x = twin._block(block, x)
+            out = x.unflatten(0, (groups, stage.k)).max(dim=1).values
+        if backward and out.requires_grad:
+            out.backward(torch.empty_like(out))
     return counter.get_total_flops()
 
 
-def count_model_flops(step: Step, batch: Optional[int] = None) -> int:
-    """The step's FLOPs without recomputation: counted with every memory-saving switch off (the
-    tokenizer's lean path, the tuner's and the blocks' activation checkpointing), on a copy of the
-    model, so that the recomputed products and the lean path's in-place ``addmm_`` (which the
-    counter's registry misses) do not change the figure MFU is taken from. ``batch``: count on the
-    first ``batch`` clouds and scale to the step's (every counted operator works per sample; the
-    data-dependent part, the adapter's non-empty cells, is that of those clouds: within 0.1% on the
-    tiny test config), for a machine without the memory of the plain path at the full batch."""
-    size = len(step.points)
-    batch = batch or size
-    if size % batch:
-        raise ValueError(f"--flops-batch-size {batch} must divide the batch size {size}")
-    model = copy.deepcopy(step.model)
-    for module in model.modules():
-        for switch in ("recompute", "checkpoint", "checkpoint_blocks"):
-            if isinstance(getattr(module, switch, None), bool):
-                setattr(module, switch, False)
-    twin = copy.copy(step)
-    twin.model = twin.net = model
-    twin.optimizer = build_optimizer(step.cfg.optimizer, model)
-    twin.params = [p for p in model.parameters() if p.requires_grad]
-    twin.points, twin.labels = step.points[:batch], step.labels[:batch]
-    return count_flops(twin) * (size // batch)
+def count_flops(step: Step, waits: Optional[DeviceWaits] = None) -> tuple[int, int]:
+    """The FLOPs of one step as executed and as the model's (:class:`StepFlops`); ``waits`` counts
+    the device waits of its forward and backward passes (not the optimizer's: its step counters are
+    CPU tensors by design)."""
+    with StepFlops(step.model) as counter:
+        if step.evaluating:
+            with waits or contextlib.nullcontext():
+                step.infer()
+        else:
+            with waits or contextlib.nullcontext():
+                step.backward(step.forward())
+            step.update()
+    return counter.executed, counter.model_flops
 
 
 class StageTimer:
@@ -321,13 +420,16 @@ def stage_breakdown(step: Step) -> dict[str, dict[str, Any]]:
              torch.nn.modules.module.register_module_forward_hook(leave)]
     try:
         with _TimeOps(timer), _TagNodes(timer):
-            loss = step.forward()
-            timer.in_backward = True
-            step.backward(loss)
+            if step.evaluating:
+                step.infer()
+            else:
+                loss = step.forward()
+                timer.in_backward = True
+                step.backward(loss)
     finally:
         for hook in hooks:
             hook.remove()
-    optimizer_s = timed(step.update, step.sync)
+    optimizer_s = 0.0 if step.evaluating else timed(step.update, step.sync)
     total = sum(timer.seconds.values()) + optimizer_s
     out: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
@@ -335,7 +437,8 @@ def stage_breakdown(step: Step) -> dict[str, dict[str, Any]]:
         if seconds or flops:
             out[stage] = {"s": round(seconds, 4), "share": round(seconds / total, 4), "flops": flops,
                           "gflop_per_s": round(flops / 1e9 / seconds, 2) if seconds else None}
-    out["optimizer"] = {"s": round(optimizer_s, 4), "share": round(optimizer_s / total, 4)}
+    if not step.evaluating:
+        out["optimizer"] = {"s": round(optimizer_s, 4), "share": round(optimizer_s / total, 4)}
     return out
 
 
@@ -401,17 +504,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rates.append(matmul_flops_per_s(step.device, args.amp))
     peak_rate, peak_cpu_rate = max(r[0] for r in rates), max(r[1] for r in rates)
     waits = DeviceWaits()
-    executed = count_flops(step, waits)
-    flops = executed if args.compile else count_model_flops(step, args.flops_batch_size)
+    executed, model_flops = count_flops(step, waits)
+    flops = executed if args.compile else model_flops
     median = statistics.median(times)
     report: dict[str, Any] = {
-        "config": args.config, "device": args.device, "machine": machine_name(),
+        "config": args.config, "mode": "eval" if args.eval else "train", "device": args.device,
+        "machine": machine_name(),
         "threads": args.threads, "batch_size": args.batch_size, "points": args.points, "amp": args.amp,
         "compile": args.compile, "repeats": args.repeats, "system_malloc": args.system_malloc,
         "step_s_median": round(median, 4), "step_s_min": round(min(times), 4),
         "samples_per_s": round(args.batch_size / median, 2),
         "step_thread_cpu_s_min": round(min(cpu_times), 4),
-        "flops_per_step": flops, "flops_executed_per_step": executed, "matmul_flops_per_s": round(peak_rate),
+        "flops_per_step": flops, "flops_per_sample": round(flops / args.batch_size),
+        "flops_executed_per_step": executed, "matmul_flops_per_s": round(peak_rate),
         "matmul_flops_per_thread_cpu_s": round(peak_cpu_rate),
         "mfu": round(flops / median / peak_rate, 4),
         "mfu_thread_cpu": round(flops / min(cpu_times) / peak_cpu_rate, 4),
@@ -429,6 +534,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         report["memory_process"] = "fresh"
     if not args.no_breakdown and not args.compile:
         report["stages"] = stage_breakdown(step)
+    if step.device.type == "cpu":
+        report["bench_peak_rss_bytes"] = peak_rss_bytes()  # this process: the steps, the count, the breakdown
     print(json.dumps(report))
     return report
 

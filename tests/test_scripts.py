@@ -13,7 +13,7 @@ import main as entry
 from any2point.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.sh") if p.name not in ("lib.sh", "ablation.sh"))
+SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.sh") if p.name not in ("lib.sh", "ablation.sh", "gpu_check.sh"))
 TABLES = sorted(p.name for p in (ROOT / "cfgs/paper").glob("table*") if p.is_dir())
 CASES = [(name, []) for name in SCRIPTS] + [("ablation.sh", ["4"])]
 

@@ -205,3 +205,29 @@ def test_lean_path_keeps_no_grouped_rows_for_backward():
     rows = 2 * 20 * 6
     assert max(t.numel() for t in saved) == rows * 8  # z1 of each block
     assert any(t.dtype == torch.uint8 and t.shape == (rows, 32 // 8) for t in saved)  # block 0's output mask
+
+
+@pytest.mark.parametrize("chunk_mb, num_blocks", [(32.0, 2), (1e-9, 1), (7 * 5 * 16 * 4 / 2 ** 20, 3)])
+def test_inference_path_equals_the_plain_path(chunk_mb, num_blocks):
+    """Eval mode without a gradient (chunked, batch norms folded into the products) gives the plain
+    path's tokens (eval mode with a gradient), whatever the chunks; the running statistics stay."""
+    torch.manual_seed(4)
+    stage = PointPNStage(width=16, mid=8, num_blocks=num_blocks, k=5, norm="scan", alpha=1000.0, beta=100.0,
+                         chunk_mb=chunk_mb)
+    for module in stage.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.5, 0.5)
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    stage.eval()
+    xyz, feats = torch.randn(3, 24, 3), torch.randn(3, 24, 8)
+    buffers = copy.deepcopy(list(stage.buffers()))
+    with torch.no_grad():
+        centres, out = stage(xyz, feats)
+    plain_centres, plain = stage(xyz, feats)
+    assert plain.requires_grad  # the plain path ran
+    torch.testing.assert_close(centres, plain_centres)
+    torch.testing.assert_close(out, plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference_stage(stage, xyz, feats).detach(), atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, stage.buffers()))

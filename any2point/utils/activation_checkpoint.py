@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import torch
 import torch.utils.checkpoint
 
 _RECOMPUTING = contextvars.ContextVar("any2point_recomputing", default=False)
@@ -40,3 +41,22 @@ def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractC
 def checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, keeping only its inputs for backward, which runs it again (RNG state restored)."""
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """The bytes of the distinct storages autograd keeps for backward while ``fn()`` runs, those of
+    ``exclude`` (e.g. the parameters, which stay anyway) left out; ``fn``'s result is dropped."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total

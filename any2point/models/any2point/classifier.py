@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -27,12 +27,13 @@ from any2point.models.sources.base import SourceTransformer
 from any2point.models.tuners.base import Tuner
 from any2point.registry import MODELS, PROJECTIONS, SOURCES, TOKENIZERS, TUNERS, Slot, build_from_cfg, check_kwargs
 from any2point.errors import ConfigError
-from any2point.utils.activation_checkpoint import checkpoint
+from any2point.utils.activation_checkpoint import checkpoint, saved_bytes
 
 logger = logging.getLogger("any2point")
 
 
 PEInjection = Literal["once", "every_block", "every_block_plus_initial"]
+BlockCheckpointing = Union[bool, Literal["auto"]]
 
 
 def set_layer_norm_eps(module: nn.Module, eps: float, what: str) -> None:
@@ -87,7 +88,15 @@ class Any2Point(nn.Module):
         checkpoint_blocks: in training, keep only each source block's input for backward and run
             the block (with what the tuner put in it) again there (activation checkpointing): less
             memory for one more forward pass of the blocks. Not with a tuner holding ``nn`` batch
-            norms (Point-PEFT's adapter), whose running statistics would move twice.
+            norms (Point-PEFT's adapter), whose running statistics would move twice. ``auto`` (the
+            default): checkpoint the blocks of a training batch when what they would keep for
+            backward exceeds ``block_memory_gb`` (see :meth:`block_activation_bytes`); never with
+            such a tuner.
+        block_memory_gb: the budget of ``checkpoint_blocks: auto``, in GiB (2^30 bytes) of the
+            activations the source blocks keep for backward over a whole batch. The default 1.2
+            leaves the paper configurations' batches of 8 and 16 as they are (0.36-0.50 and
+            0.71-0.99 GiB by the estimate) and checkpoints their batches of 32 (1.42-1.99 GiB),
+            which then fit in 6 GB on the CPU.
 
     The released code's behaviour (docs/method.md, "Where the official code differs from the
     paper"), each switch off by default:
@@ -120,7 +129,8 @@ class Any2Point(nn.Module):
                  head_hidden_bias: bool = True, pe_injection: Optional[PEInjection] = None,
                  random_cls_pos: bool = False,
                  final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None,
-                 checkpoint_blocks: bool = False, point_nn: Optional[dict] = None) -> None:
+                 checkpoint_blocks: BlockCheckpointing = "auto", block_memory_gb: float = 1.2,
+                 point_nn: Optional[dict] = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
@@ -129,7 +139,10 @@ class Any2Point(nn.Module):
         for key, eps in (("final_norm_eps", final_norm_eps), ("block_norm_eps", block_norm_eps)):
             if eps is not None and eps <= 0:
                 raise ConfigError(f"model {key} must be positive, got {eps}")
-        self.checkpoint_blocks = checkpoint_blocks
+        if not block_memory_gb > 0:
+            raise ConfigError(f"model block_memory_gb must be a positive number of GiB, got {block_memory_gb}")
+        self.checkpoint_blocks, self.block_memory_gb = checkpoint_blocks, block_memory_gb
+        self._sample_block_bytes: dict[tuple, int] = {}
         self.source = build_from_cfg(source, SOURCES)
         if not isinstance(self.source, SourceTransformer):
             raise ConfigError(f"model source '{source['type']}' is not a SourceTransformer")
@@ -143,11 +156,12 @@ class Any2Point(nn.Module):
         # 3D-pretrained source) nothing here, as it embeds its own points.
         self.tokenizer, self.projection = self.source.build_point_embedding(tokenizer, projection)
         self.tuner = self._build_tuner(tuner or {"type": "GuidedAdapter"})
-        if checkpoint_blocks:
-            norms = [name for name, m in self.tuner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            if norms:
-                raise ConfigError(f"model checkpoint_blocks: the tuner's BatchNorm '{norms[0]}' would update its "
-                                  "running statistics again when a block is recomputed; set it false")
+        norms = [name for name, m in self.tuner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if norms and checkpoint_blocks is True:
+            raise ConfigError(f"model checkpoint_blocks: the tuner's BatchNorm '{norms[0]}' would update its "
+                              "running statistics again when a block is recomputed; set it false")
+        if norms:
+            self.checkpoint_blocks = False
         self.cls_token = _init_token(self.source.cls_token, dim)
         self.cls_pos_embed = _init_token(None if random_cls_pos else self.source.cls_pos_embed, dim)
         self.head = self._build_head(dim, num_classes, head_widths, head_dropout, head_hidden_bias)
@@ -219,9 +233,11 @@ class Any2Point(nn.Module):
         x = torch.cat([cls.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
         count = tokens.shape[1]  # the point tokens stay last, whatever prompts a block carries
         after: dict[int, Tensor] = {}
-        checkpoint_blocks = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        checkpoint_blocks = None if self.training and torch.is_grad_enabled() else False
         for index in range(self.source.depth):
             x = self.tuner.enter_block(index, x, context)
+            if checkpoint_blocks is None:  # decided on the first block's input (prompts included)
+                checkpoint_blocks = self.checkpoints_blocks(x, block_context)
             if self.pe_injection != "once":
                 x = x + self._block_pe(pe, x)
             hooks = self.tuner.hooks(index, context)
@@ -234,6 +250,32 @@ class Any2Point(nn.Module):
         x = self.source.norm(x)
         return Encoded(centres=centres, cls=x[:, 0], tokens=x[:, 1 + self.tuner.num_prompts:],
                        levels=[after[k] for k in levels])
+
+    def checkpoints_blocks(self, x: Tensor, block_context: Any = None) -> bool:
+        """Whether a training batch whose first block gets ``x (B, T, C)`` runs its blocks
+        checkpointed: ``checkpoint_blocks``, or with ``auto`` whether :meth:`block_activation_bytes`
+        exceeds ``block_memory_gb``; ``block_context``: the source's (:meth:`SourceTransformer.block_context`)."""
+        if self.checkpoint_blocks != "auto":
+            return self.checkpoint_blocks
+        return self.block_activation_bytes(x, block_context) > self.block_memory_gb * 2 ** 30
+
+    def block_activation_bytes(self, x: Tensor, block_context: Any = None) -> int:
+        """The bytes the source blocks keep for backward on tokens ``x (B, T, C)``, estimated as
+        B x depth x what the first block keeps for one sample (measured once per token count, width,
+        dtype and device, on a copy of the first sample's tokens, without the tuner's hooks; the
+        random state is left as it was)."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._sample_block_bytes:
+            extra = () if block_context is None else (self.source.first_sample_context(block_context),)
+            self._sample_block_bytes[key] = self._measure_block_bytes(x[:1].detach().clone().requires_grad_(), extra)
+        return x.shape[0] * self.source.depth * self._sample_block_bytes[key]
+
+    @torch.compiler.disable
+    def _measure_block_bytes(self, sample: Tensor, extra: tuple) -> int:
+        devices = [sample.device] if sample.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return saved_bytes(lambda: self.source.forward_block(0, sample, None, None, *extra),
+                               exclude=[*self.parameters(), *self.buffers()])
 
     def _block_pe(self, pe: Optional[Tensor], x: Tensor) -> Tensor:
         """``[cls position, zeros for the prompt tokens, PE]`` ``(B, T, C)`` for tokens ``x (B, T, C)``."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.extensions import three_nn_interpolate
-from any2point.models.any2point.classifier import Any2Point, PEInjection
+from any2point.models.any2point.classifier import Any2Point, BlockCheckpointing, PEInjection
 from any2point.registry import MODELS
 from any2point.errors import ConfigError
 
@@ -76,7 +76,8 @@ class Any2PointSeg(Any2Point):
         token_dim: width of the projected multi-level token features.
         head_widths: hidden widths of the per-point MLP.
         head_dropout: dropout after each hidden layer of the MLP.
-        pe_injection, random_cls_pos, final_norm_eps, block_norm_eps, checkpoint_blocks: as for Any2Point.
+        pe_injection, random_cls_pos, final_norm_eps, block_norm_eps, checkpoint_blocks,
+            block_memory_gb: as for Any2Point.
     """
 
     def __init__(self, num_classes: int, num_parts: int, source: dict, tokenizer: Optional[dict] = None,
@@ -84,7 +85,7 @@ class Any2PointSeg(Any2Point):
                  levels: Sequence[int] = (4, 8, 12), token_dim: int = 256, head_widths: Sequence[int] = (256, 128),
                  head_dropout: float = 0.5, pe_injection: Optional[PEInjection] = None, random_cls_pos: bool = False,
                  final_norm_eps: Optional[float] = None, block_norm_eps: Optional[float] = None,
-                 checkpoint_blocks: bool = False) -> None:
+                 checkpoint_blocks: BlockCheckpointing = "auto", block_memory_gb: float = 1.2) -> None:
         if num_parts < 1:
             raise ConfigError(f"model num_parts must be positive, got {num_parts}")
         if token_dim < 1:
@@ -96,7 +97,8 @@ class Any2PointSeg(Any2Point):
         self.num_parts, self.levels, self.token_dim = num_parts, levels, token_dim
         super().__init__(num_classes, source, tokenizer, projection, tuner, head_widths, head_dropout,
                          pe_injection=pe_injection, random_cls_pos=random_cls_pos, final_norm_eps=final_norm_eps,
-                         block_norm_eps=block_norm_eps, checkpoint_blocks=checkpoint_blocks)
+                         block_norm_eps=block_norm_eps, checkpoint_blocks=checkpoint_blocks,
+                         block_memory_gb=block_memory_gb)
         self.num_classes = num_classes
 
     def _build_head(self, dim: int, num_classes: int, widths: Sequence[int], dropout: float,

@@ -407,6 +407,8 @@ class PointPNStage(nn.Module):
                 tokens = _FusedBlocks.apply(self, feats.float(), nbr_idx, centre_idx, offsets.float(),
                                              self.chunk_rows(xyz.device), *params)
             return centres, tokens
+        if not self.training and not torch.is_grad_enabled():
+            return centres, self._inference(feats, nbr_idx, centre_idx, offsets)
         x = self.grouped_input(feats, nbr_idx, centre_idx, offsets)
         for block in self.blocks:
             x = self._block(block, x)
@@ -414,6 +416,28 @@ class PointPNStage(nn.Module):
         # tie mask of the whole (B, G, k, C) input; ties only occur at ReLU's zeros (no gradient there)
         # or between identical rows (the same parameter gradients).
         return centres, x.unflatten(0, nbr_idx.shape).max(dim=2).values
+
+    def _inference(self, feats: Tensor, nbr_idx: Tensor, centre_idx: Tensor, offsets: Tensor) -> Tensor:
+        """Eval mode without a gradient (``--test``): the grouping, blocks and max over the chunks
+        of :meth:`chunk_rows` (a chunk's work stays in the caches, and no ``(B G k, C)`` tensor of
+        the whole batch is built), each batch norm folded into the product before it
+        (``BN(x W^T + b) = x (s W)^T + s (b - mean) + beta``, ``s = weight / sqrt(var + eps)``)."""
+        folded = []
+        for block in self.blocks:
+            w1, b1, g1, beta1, w2, b2, g2, beta2 = _block_params(block)
+            for w, b, g, beta, bn in ((w1, b1, g1, beta1, block.net1[1]), (w2, b2, g2, beta2, block.net2[1])):
+                scale = g * (bn.running_var + bn.eps).rsqrt()
+                folded.append((w.flatten(1) * scale[:, None], (b - bn.running_mean) * scale + beta))
+        run = _LeanStage(self, feats, nbr_idx, centre_idx, offsets, self.chunk_rows(feats.device), ())
+        out: Optional[Tensor] = None
+        for groups in run.chunks:
+            x = run.grouped(groups)
+            for (w1, b1), (w2, b2) in zip(folded[::2], folded[1::2]):
+                x = torch.addmm(b2, torch.addmm(b1, x, w1.t()).relu_(), w2.t()).add_(x).relu_()
+            if out is None:  # the products' dtype (bf16 under CUDA autocast, as on the plain path)
+                out = x.new_empty(run.nbr.shape[0], self.width)
+            torch.amax(x.unflatten(0, (-1, self.k)), dim=1, out=out[groups])
+        return out.unflatten(0, nbr_idx.shape[:2])
 
     def chunk_rows(self, device: torch.device) -> int:
         """Grouped rows per chunk of the lean path: ``chunk_mb`` of fp32 rows, by default 2 MB on

@@ -224,6 +224,10 @@ class SourceTransformer(nn.Module):
         (:mod:`any2point.models.sources.rotary`)."""
         return None
 
+    def first_sample_context(self, context: Any) -> Any:
+        """``context`` (from :meth:`block_context`) cut to the batch's first sample."""
+        return context
+
     def forward_block(self, index: int, x: Tensor, ffn_hook: Optional[ResidualHook] = None,
                       attn_hook: Optional[ResidualHook] = None) -> Tensor:
         """Run block ``index`` on tokens ``x`` (B, T, C) -> (B, T, C), calling ``ffn_hook(x, f)`` in

@@ -168,6 +168,10 @@ class RotarySource(SourceTransformer):
         rank = torch.cat([torch.arange(prefix, device=order.device).expand(order.shape[0], -1), order + prefix], 1)
         return line_order_mask(rank)
 
+    def first_sample_context(self, context: RotaryPositions) -> RotaryPositions:
+        points = None if context.points is None else context.points[:1]
+        return RotaryPositions(points, context.order[:1])
+
     def forward_block(self, index: int, x: Tensor, ffn_hook=None, attn_hook=None,
                       context: Optional[RotaryPositions] = None) -> Tensor:
         """Block ``index`` on ``x (B, T, C)`` with the batch's rotary positions ``context`` (``None``:
