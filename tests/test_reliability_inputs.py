@@ -380,7 +380,7 @@ def test_predict_cloud_too_small_for_the_tokenizer_names_the_file(seg_ckpt: Path
     for n, line in zip(sizes, lines):
         assert line.startswith(f"error: {tmp_path / f'cloud{n}.npy'}: its {n} prepared points: "), line
         assert "k=8 neighbours" in line, line
-    assert f"cloud300.npy: mug: points per part" in printed  # the other file is still labelled
+    assert "cloud300.npy: mug: points per part" in printed  # the other file is still labelled
 
 
 @pytest.mark.parametrize("flags, needle", [
