@@ -188,9 +188,9 @@ def test_prompts_enter_the_first_blocks_and_leave_after_them() -> None:
     tuner, seen = model.tuner, []
     original = model.source.forward_block
 
-    def spy(index, x, **kw):
+    def spy(index, x, *args, **kw):
         seen.append(x.shape[1])
-        return original(index, x, **kw)
+        return original(index, x, *args, **kw)
 
     model.source.forward_block = spy
     assert model(clouds()).shape == (3, 4)
