@@ -123,7 +123,10 @@ class TrainConfig:
     grad_clip: Optional[PositiveFloat] = 10.0
     num_workers: NonNegativeInt = 4
     protocol: str = "honest"
-    amp: bool = True
+    amp: bool = True  # bf16 autocast on CUDA
+    # bf16 autocast on the CPU as well: about 1.3x faster steps on CPUs with AVX512-BF16 or AMX
+    # (2x the fp32 matmul rate), slower elsewhere; results differ from fp32 in the last digits.
+    cpu_amp: bool = False
     eval_every: PositiveInt = 1
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
     device: str = "auto"

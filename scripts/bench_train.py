@@ -104,7 +104,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--points", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in training)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast (train.amp on CUDA, train.cpu_amp on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval", action="store_true",
@@ -188,9 +189,9 @@ def timed_with_cpu(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[flo
 
 
 def matmul_flops_per_s(device: torch.device, amp: bool, size: int = 2048, repeats: int = 5) -> tuple[float, float]:
-    """The best rate of a dense ``size^3`` matmul (bf16 under ``amp`` on CUDA, else fp32), by wall
-    time and by this thread's CPU time."""
-    dtype = torch.bfloat16 if amp and device.type == "cuda" else torch.float32
+    """The best rate of a dense ``size^3`` matmul (bf16 under ``amp``, else fp32), by wall time and
+    by this thread's CPU time."""
+    dtype = torch.bfloat16 if amp else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

@@ -258,6 +258,23 @@ def test_cpu_heap_setting_follows_the_config(tmp_path: Path, monkeypatch, keep: 
     assert calls == ({"keep": 1, "release": epochs} if keep else {"keep": 0, "release": 0})
 
 
+@pytest.mark.parametrize("cpu_amp", [False, True])
+def test_cpu_bf16_autocast_follows_the_config(tmp_path: Path, cpu_amp: bool) -> None:
+    """On the CPU ``train.amp`` (CUDA's switch) leaves training and evaluation in fp32;
+    ``train.cpu_amp`` runs both under bf16 autocast, whose matmuls give bf16 outputs."""
+    cfg = load_config(tiny_config(tmp_path, f"cpu_amp_{cpu_amp}", train={"amp": True, "cpu_amp": cpu_amp,
+                                                                         "device": "cpu", "epochs": 1}))
+    trainer = Trainer(cfg)
+    seen: list[tuple[bool, bool, torch.dtype]] = []
+    first = next(m for m in trainer.model.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+    first.register_forward_hook(lambda module, args, out: seen.append(
+        (module.training, torch.is_autocast_enabled("cpu"), out.dtype)))
+    trainer.fit()
+    assert {training for training, _, _ in seen} == {True, False}  # training steps and evaluations
+    expected = (True, torch.bfloat16) if cpu_amp else (False, torch.float32)
+    assert {(enabled, dtype) for _, enabled, dtype in seen} == {expected}
+
+
 def test_device_waits_are_counted_and_the_training_loop_adds_none(tmp_path: Path) -> None:
     """The counter sees reads of values and data-dependent sizes; a step of the trainer's loop on a
     model without any (the tiny PointNet, SGD) makes no such call: the loss is summed on the device

@@ -33,7 +33,7 @@ def test_voting_averages_logits_of_augmented_passes() -> None:
     data = voting_dataset(DATA, "test", passes=3, seed=5)
     assert len(data.base.transform.transforms) == 2  # the training augmentations, on the test split
     task = build_task(data.base)
-    m = evaluate(net, eval_loader(data, 7, 0, CPU), task, CPU, amp=False)
+    m = evaluate(net, eval_loader(data, 7, 0, CPU), task, CPU, bf16=False)
     # brute force: each pass item by item with its own augmentation epoch; mean logits; arg-max
     base = build_dataset({**DATA, "transforms": {"test": DATA["transforms"]["train"]}}, "test")
     logits = np.zeros((3, len(base), 4))
@@ -48,7 +48,7 @@ def test_voting_averages_logits_of_augmented_passes() -> None:
     assert m.count == len(base) and np.array(m.confusion).sum() == len(base)
     # the passes differ (augmented), and the same seed reproduces the number
     assert not np.allclose(logits[0], logits[1])
-    again = evaluate(net, eval_loader(voting_dataset(DATA, "test", 3, 5), 24, 0, CPU), task, CPU, amp=False)
+    again = evaluate(net, eval_loader(voting_dataset(DATA, "test", 3, 5), 24, 0, CPU), task, CPU, bf16=False)
     assert again.oa == m.oa and again.pass_scores == m.pass_scores
 
 
@@ -65,9 +65,9 @@ def test_single_pass_equals_plain_evaluation() -> None:
     net = model()
     test = build_dataset(DATA, "test")
     task = build_task(test)
-    plain = evaluate(net, eval_loader(test, 8, 0, CPU), task, CPU, amp=False)
+    plain = evaluate(net, eval_loader(test, 8, 0, CPU), task, CPU, bf16=False)
     no_aug = {**DATA, "transforms": {"vote": []}}
-    one = evaluate(net, eval_loader(voting_dataset(no_aug, "test", 1, 0), 8, 0, CPU), task, CPU, amp=False)
+    one = evaluate(net, eval_loader(voting_dataset(no_aug, "test", 1, 0), 8, 0, CPU), task, CPU, bf16=False)
     assert one.oa == plain.oa and one.per_class == plain.per_class and plain.pass_scores == []
 
 
@@ -79,7 +79,7 @@ def test_voting_arguments_checked() -> None:
 def test_results_record_is_json_with_provenance(tmp_path) -> None:
     test = build_dataset(DATA, "test")
     task = build_task(test)
-    m = evaluate(model(), eval_loader(test, 8, 0, CPU), task, CPU, amp=False)
+    m = evaluate(model(), eval_loader(test, 8, 0, CPU), task, CPU, bf16=False)
     m.per_class[1] = math.nan  # an absent class
     cfg = {"model": MODEL, "dataset": DATA, "experiment": {"name": "x", "seed": 3}}
     record = results_record(m, cfg, task.class_names, split="test", protocol="honest",

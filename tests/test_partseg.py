@@ -323,7 +323,7 @@ def test_trainer_test_and_voting_write_segmentation_results(seg_run: tuple[Path,
     shuffled = {**SEG_RUN["dataset"], "transforms": {"vote": [{"type": "ShufflePoints"}]}}
     data = voting_dataset(shuffled, "test", 2, 0)
     with pytest.raises(ConfigError, match="keep the points in place"):
-        evaluate(build_model(SEG_RUN["model"]), eval_loader(data, 6, 0, CPU), build_task(data.base), CPU, amp=False)
+        evaluate(build_model(SEG_RUN["model"]), eval_loader(data, 6, 0, CPU), build_task(data.base), CPU, bf16=False)
     with pytest.raises(ConfigError, match="model.num_parts=5 but dataset SyntheticParts has 4"):
         Trainer(load_config(path, ["model.num_parts=5", "experiment.name=other"]))
 

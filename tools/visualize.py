@@ -425,6 +425,7 @@ def _test_results(ckpt: Path, results: Optional[Path]) -> dict[str, Any]:
         raise FileNotFoundError(f"results file not found: {results}")
     from any2point.datasets import build_dataset
     from any2point.engine.evaluate import eval_loader, evaluate
+    from any2point.engine.runtime import uses_bf16
     from any2point.engine.loading import load_model
     from any2point.engine.tasks import build_task
 
@@ -433,7 +434,7 @@ def _test_results(ckpt: Path, results: Optional[Path]) -> dict[str, Any]:
     test = build_dataset(cfg.dataset, "test")
     task = build_task(test)
     m = evaluate(model, eval_loader(test, cfg.train.test_batch_size or cfg.train.batch_size, 0, device), task,
-                 device, cfg.train.amp, "test")
+                 device, uses_bf16(device, cfg.train), "test")
     return {**m.record(task.class_names), "class_names": task.class_names, "task": task.name}
 
 

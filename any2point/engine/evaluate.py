@@ -33,7 +33,7 @@ from any2point.engine.loading import load_model
 from any2point.engine.log import setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.records import RESULTS, results_record, write_results
-from any2point.engine.runtime import autocast, pick_device
+from any2point.engine.runtime import autocast, pick_device, uses_bf16
 from any2point.engine.seeds import run_seeds
 from any2point.engine.tasks import Task, build_task
 from any2point.errors import ConfigError
@@ -97,7 +97,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device, amp: bool,
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device, bf16: bool,
              desc: str = "eval") -> Metrics | SegmentationMetrics:
     """The task's metrics over the loader's split (all processes' shares all-reduced).
 
@@ -112,7 +112,7 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.dev
             batches = batch if isinstance(batch, list) else [batch]
             outputs = []
             for b in batches:
-                with autocast(device, amp):
+                with autocast(device, bf16):
                     outputs.append(task.forward(model, b, device).float())
             for meter, out, b in zip(single, outputs, batches):
                 meter.add(out, b)
@@ -152,7 +152,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, v
                           f"config's dataset has {task.class_names}")
     loader = eval_loader(test, max(1, (cfg.train.test_batch_size or cfg.train.batch_size) // world),
                          cfg.train.num_workers, device)
-    m = evaluate(model, loader, task, device, cfg.train.amp, "test")
+    m = evaluate(model, loader, task, device, uses_bf16(device, cfg.train), "test")
     epoch = ckpt.get("epoch", -1) + 1
     log_test(m, task.class_names, vote, f"checkpoint {ckpt_path}, epoch {epoch}, protocol {ckpt.get('protocol')}")
     transforms = (cfg.dataset.get("transforms") or {})

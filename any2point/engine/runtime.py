@@ -32,8 +32,13 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; full precision on CPU (no fast bf16 there)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def uses_bf16(device: torch.device, train) -> bool:
+    """Whether a run on ``device`` computes under bf16 autocast: ``train.amp`` on CUDA,
+    ``train.cpu_amp`` on the CPU (off by default: bf16 matmuls are fast only on CPUs with
+    AVX512-BF16 or AMX instructions)."""
+    return bool(train.amp) if device.type == "cuda" else bool(train.get("cpu_amp", False))
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device`` when ``bf16`` (see :func:`uses_bf16`), else full precision."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()

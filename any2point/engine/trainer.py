@@ -44,7 +44,7 @@ from any2point.engine.evaluate import eval_loader, evaluate, log_test
 from any2point.engine.experiment import claim, experiment_folder, without_location
 from any2point.engine.loading import check_source
 from any2point.engine.records import RESULTS, results_record, write_results
-from any2point.engine.runtime import autocast, pick_device
+from any2point.engine.runtime import autocast, pick_device, uses_bf16
 from any2point.engine.log import ScalarWriter, setup_logging
 from any2point.engine.memory import fill_bank, memory_dataset, point_nn_of
 from any2point.engine.metrics import Metrics, SegmentationMetrics
@@ -352,7 +352,7 @@ class Trainer:
         with tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                   disable=None if distributed.is_main() else True) as bar:
             for step, batch in enumerate(bar):
-                with autocast(self.device, t.amp):
+                with autocast(self.device, uses_bf16(self.device, t)):
                     outputs = self.task.forward(self.net, batch, self.device)
                 loss = self.task.loss(outputs, batch)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -406,7 +406,8 @@ class Trainer:
         if best.is_file():
             checkpoint.load_trainable_state_dict(self.model, checkpoint.load(best)["model"], str(best))
         memory = self.build_memory() if self.point_nn is not None else None
-        m = evaluate(self.net, self.test_loader, self.task, self.device, self.cfg.train.amp, "test")
+        m = evaluate(self.net, self.test_loader, self.task, self.device,
+                     uses_bf16(self.device, self.cfg.train), "test")
         how = ("best epoch selected on the validation split held out of train" if self.protocol == "honest"
                else "best epoch selected on the test split itself (paper protocol; optimistic)")
         log_test(m, self.task.class_names, 1, f"epoch {self.best_epoch + 1}; protocol {self.protocol}: {how}")
@@ -477,8 +478,8 @@ class Validation(Hook):
         step, epochs = trainer.epoch + 1, trainer.cfg.train.epochs
         if step % trainer.cfg.train.eval_every and step != epochs:
             return
-        m = evaluate(trainer.net, trainer.select_loader, trainer.task, trainer.device, trainer.cfg.train.amp,
-                     trainer.select_split)
+        m = evaluate(trainer.net, trainer.select_loader, trainer.task, trainer.device,
+                     uses_bf16(trainer.device, trainer.cfg.train), trainer.select_split)
         improved = trainer.task.score(m) > trainer.best_score
         if improved:
             trainer.best_score, trainer.best_epoch = trainer.task.score(m), trainer.epoch
