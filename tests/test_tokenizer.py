@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from any2point.extensions import furthest_point_sample, gather, group, knn
-from any2point.models.any2point.tokenizer import (PointPNStage, PointPNTokenizer, _pack_bits, _unpack_bits,
+from any2point.models.any2point.tokenizer import (PointPNStage, PointPNTokenizer, _LeanStage, _pack_bits, _unpack_bits,
                                                   normalize_offsets, sincos_embedding)
 from any2point.errors import ConfigError
 
@@ -97,6 +97,8 @@ def test_bad_settings_and_inputs_raise():
         PointPNTokenizer(dim=64, blocks=[1, 1])
     with pytest.raises(ConfigError, match="chunk_mb must be positive"):
         PointPNTokenizer(dim=64, chunk_mb=0)
+    with pytest.raises(ConfigError, match="cache_mb must be >= 0"):
+        PointPNTokenizer(dim=64, cache_mb=-1)
     tokenizer = PointPNTokenizer(dim=64, k=16)
     with pytest.raises(ValueError, match="k=16"):
         tokenizer(torch.randn(1, 40, 3))
@@ -116,22 +118,26 @@ def reference_stage(stage: PointPNStage, xyz: torch.Tensor, feats: torch.Tensor)
     return stage.blocks(x.permute(0, 3, 1, 2)).amax(dim=-1).transpose(1, 2)
 
 
-@pytest.mark.parametrize("recompute, chunk_mb, num_blocks", [
-    (True, 32.0, 2),  # the lean path in one chunk
-    (True, 1e-9, 2),  # one group per chunk
-    (True, 7 * 5 * 16 * 4 / 2 ** 20, 3),  # 7 groups per chunk: 36 groups do not divide evenly
-    (False, 32.0, 2),
+ONE_INPUT_MB = 3 * 12 * 5 * 16 * 4 / 2 ** 20  # one block input (B G k, C) of the stage below, in MiB
+
+
+@pytest.mark.parametrize("recompute, chunk_mb, num_blocks, cache_mb", [
+    (True, 32.0, 2, 1024.0),  # the lean path in one chunk, every block input held
+    (True, 1e-9, 2, 1024.0),  # one group per chunk
+    (True, 7 * 5 * 16 * 4 / 2 ** 20, 3, 0.0),  # 7 groups per chunk: 36 groups do not divide evenly; nothing held
+    (True, 7 * 5 * 16 * 4 / 2 ** 20, 3, ONE_INPUT_MB),  # only the grouped input held
+    (False, 32.0, 2, 1024.0),
 ])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_stage_equals_the_straightforward_path(recompute, chunk_mb, num_blocks, training, momentum):
+def test_stage_equals_the_straightforward_path(recompute, chunk_mb, num_blocks, cache_mb, training, momentum):
     """Outputs, gradients (features and every parameter) and BatchNorm running statistics over
-    three steps equal those of the plain Conv2d path, whatever the chunks of the lean path. (The
-    gradients of the biases before a training-mode BatchNorm are zero up to rounding, hence the
-    absolute tolerance.)"""
+    three steps equal those of the plain Conv2d path, whatever the chunks of the lean path and the
+    block inputs it holds. (The gradients of the biases before a training-mode BatchNorm are zero
+    up to rounding, hence the absolute tolerance.)"""
     torch.manual_seed(2)
     fast = PointPNStage(width=16, mid=8, num_blocks=num_blocks, k=5, norm="scan", alpha=1000.0, beta=100.0,
-                        recompute=recompute, chunk_mb=chunk_mb)
+                        recompute=recompute, chunk_mb=chunk_mb, cache_mb=cache_mb)
     for module in fast.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = momentum
@@ -154,6 +160,30 @@ def test_stage_equals_the_straightforward_path(recompute, chunk_mb, num_blocks, 
             torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
         for (name, b), b_ref in zip(fast.named_buffers(), ref.buffers()):
             torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("num_blocks, cache_mb, builds", [
+    (2, 0.0, (3, 2)),  # per chunk: each block's statistics pass and the output pass; two in backward
+    (2, 2 * ONE_INPUT_MB, (1, 1)),  # x_0 and x_1 held in forward, x_0 in backward
+    (2, ONE_INPUT_MB, (1, 1)),
+    (1, 0.0, (2, 1)),
+    (1, 1024.0, (1, 1)),
+])
+def test_lean_path_builds_the_grouped_input_once_per_pass_direction_when_held(num_blocks, cache_mb, builds,
+                                                                               monkeypatch):
+    """With the block inputs held (``cache_mb``) the grouped input (gather, sin/cos embedding) of
+    each chunk is built once in forward and once in backward instead of in every pass."""
+    calls = []
+    grouped = _LeanStage.grouped
+    monkeypatch.setattr(_LeanStage, "grouped", lambda run, groups: calls.append(groups) or grouped(run, groups))
+    torch.manual_seed(5)
+    stage = PointPNStage(width=16, mid=8, num_blocks=num_blocks, k=5, norm="scan", alpha=1000.0, beta=100.0,
+                         chunk_mb=7 * 5 * 16 * 4 / 2 ** 20, cache_mb=cache_mb).train()
+    out = stage(torch.randn(3, 24, 3), torch.randn(3, 24, 8, requires_grad=True))[1]
+    chunks = -(-3 * 12 // 7)
+    assert len(calls) == builds[0] * chunks
+    out.sum().backward()
+    assert len(calls) == sum(builds) * chunks
 
 
 def test_state_dict_keys_are_those_of_the_conv_modules():

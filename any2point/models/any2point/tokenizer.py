@@ -163,11 +163,14 @@ class _Moments:
 
 class _LeanStage:
     """A stage's grouping, residual blocks and max over neighbours in training mode, run over
-    chunks of whole groups so that no ``(B G k, C)`` tensor of the whole batch is ever built.
+    chunks of whole groups so that no ``(B G k, C)`` tensor of the whole batch is kept from the
+    forward to the backward pass.
 
     Kept for backward: each block's first pre-norm activation ``z1 (M, mid)`` (``M = B G k`` rows)
     and the mean and covariance of its first activation after the ReLU ``a1`` (``mid x mid``);
-    everything else is rebuilt chunk by chunk. A batch norm needs the statistics of all rows before
+    everything else is rebuilt chunk by chunk, except that the block inputs ``x_j (M, C)`` (the
+    grouped input ``x_0`` first) are held within the forward pass, and again within the backward
+    pass, as far as the stage's ``cache_mb`` allows. A batch norm needs the statistics of all rows before
     its output exists, and its gradient two sums over all rows, hence passes over the chunks:
 
     - forward, per block: one through the chain for its ``z1`` (so its first norm's statistics),
@@ -200,6 +203,12 @@ class _LeanStage:
         self.masks: list[Tensor] = []
         # Per block: mean1, rstd1, mean2, rstd2, and the mean (mid,) and covariance (mid, mid) of a1.
         self.stats: list[tuple[Tensor, ...]] = []
+        # Block inputs x_0, x_1, ... of the whole stage, held during the forward or the backward
+        # pass while they fit in the stage's cache_mb (MiB); a cached input is written by the first pass
+        # over the chunks that computes it (complete after that pass) and read by the later ones.
+        self.cache_bytes = int(stage.cache_mb * 2 ** 20)
+        self.cache: list[Optional[Tensor]] = []
+        self.complete: list[bool] = []
 
     def block(self, j: int) -> tuple[Tensor, ...]:
         """Block ``j``'s parameters, the products' weights as ``(out, in)`` matrices."""
@@ -222,30 +231,55 @@ class _LeanStage:
         mean1, rstd1 = self.stats[j][:2]
         return _norm(self.z1s[j][rows], mean1, rstd1, g1, beta1).relu_()
 
-    def chain(self, groups: slice, upto: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The chunk's block inputs ``x_0 .. x_upto`` and, per block before ``upto``, its ``a1`` and
-        its second pre-norm activation ``z2``."""
-        rows, xs, hidden, second = self.rows(groups), [self.grouped(groups)], [], []
-        for j in range(upto):
-            _, _, _, _, w2, b2, g2, beta2 = self.block(j)
-            mean2, rstd2 = self.stats[j][2:4]
-            a1 = self.hidden(j, rows)
-            z2 = torch.addmm(b2, a1, w2.t())
-            xs.append(_norm(z2, mean2, rstd2, g2, beta2).add_(xs[-1]).relu_())
-            hidden.append(a1)
-            second.append(z2)
-        return xs, hidden, second
+    def start_caching(self, inputs: int) -> None:
+        """Hold up to ``inputs`` block inputs ``(M, C)`` of the stage, as many as ``cache_bytes`` allows."""
+        size = self.num_rows * self.stage.width * self.feats.element_size()
+        count = min(inputs, self.cache_bytes // size) if size else 0
+        self.cache = [self.feats.new_empty(self.num_rows, self.stage.width) for _ in range(count)]
+        self.complete = [False] * count
+
+    def stop_caching(self) -> None:
+        self.cache, self.complete = [], []
+
+    def passed(self, upto: int) -> None:
+        """A pass over all chunks that built the inputs ``x_0 .. x_upto`` has ended."""
+        for j in range(min(upto + 1, len(self.cache))):
+            self.complete[j] = True
+
+    def chain(self, groups: slice, upto: int) -> list[Tensor]:
+        """The chunk's block inputs ``x_0 .. x_upto``, from the cache where it holds them; call
+        :meth:`passed` after each pass over all chunks."""
+        rows, xs = self.rows(groups), []
+        for j in range(upto + 1):
+            cached = j < len(self.cache)
+            if cached and self.complete[j]:
+                xs.append(self.cache[j][rows])
+                continue
+            if j == 0:
+                x = self.grouped(groups)
+            else:
+                _, _, _, _, w2, b2, g2, beta2 = self.block(j - 1)
+                mean2, rstd2 = self.stats[j - 1][2:4]
+                z2 = torch.addmm(b2, self.hidden(j - 1, rows), w2.t())
+                x = _norm(z2, mean2, rstd2, g2, beta2).add_(xs[-1]).relu_()
+            if cached:
+                self.cache[j][rows] = x
+            xs.append(x)
+        return xs
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """Set ``z1s`` and ``stats`` (updating the running statistics); return the max over the
         neighbours of the last block's output and its indices, ``(B G, C)`` each."""
+        num = len(self.stage.blocks)
+        self.start_caching(num)
         for j, block in enumerate(self.stage.blocks):
             w1, b1, _, _, w2, b2, _, _ = self.block(j)
             z1, moments1 = self.feats.new_empty(self.num_rows, w1.shape[0]), _Moments()
             for groups in self.chunks:
                 out = z1[self.rows(groups)]
-                torch.addmm(b1, self.chain(groups, j)[0][-1], w1.t(), out=out)
+                torch.addmm(b1, self.chain(groups, j)[-1], w1.t(), out=out)
                 moments1.add(out)
+            self.passed(j)
             mean1, var1 = (t.to(z1.dtype) for t in moments1.result())
             self.z1s.append(z1)
             self.stats.append((mean1, _update_running(block.net1[1], mean1, var1, self.num_rows)))
@@ -258,17 +292,18 @@ class _LeanStage:
             var2 = ((w2d @ cov_a) * w2d).sum(dim=1).to(z1.dtype)
             rstd2 = _update_running(block.net2[1], mean2, var2, self.num_rows)
             self.stats[j] += (mean2, rstd2, mean_a, cov_a)
-        width, num = self.stage.width, len(self.stage.blocks)
+        width = self.stage.width
         values = self.feats.new_empty(self.nbr.shape[0], width)
         argmax = torch.empty(self.nbr.shape[0], width, dtype=torch.long, device=values.device)
         # The ReLU masks of the outputs of every block but the last, one bit per value.
         self.masks = [torch.empty(self.num_rows, -(-width // 8), dtype=torch.uint8, device=values.device)
                       for _ in range(num - 1)]
         for groups in self.chunks:
-            xs = self.chain(groups, num)[0]
+            xs = self.chain(groups, num)
             for j, mask in enumerate(self.masks):
                 mask[self.rows(groups)] = _pack_bits(xs[j + 1] > 0)
             torch.max(xs[-1].unflatten(0, (-1, self.k)), dim=1, out=(values[groups], argmax[groups]))
+        self.stop_caching()
         return values, argmax
 
     def backward(self, grad_out: Tensor, values: Tensor, argmax: Tensor,
@@ -279,6 +314,7 @@ class _LeanStage:
         top = grad_out * (values > 0)  # through the last ReLU, at the maxima
         dparams = [torch.zeros_like(p) for p in self.params]
         gz1s: list[Tensor] = [torch.empty(0)] * num
+        self.start_caching(num - 1 if num > 1 else 1)
 
         def upper(groups: slice, j: int) -> Tensor:
             """``P_j``, the gradient of block ``j``'s sum before its ReLU, on the chunk's rows: from
@@ -304,7 +340,9 @@ class _LeanStage:
                 torch.mm(grad.mul_(c2), w2, out=q[rows])
                 if p + 1 < num:  # the later block's W1 gradient, now that its gz1 is complete
                     w1_next = self.block(p + 1)[0]
-                    dparams[8 * (p + 1)].view_as(w1_next).addmm_(gz1s[p + 1][rows].t(), self.chain(groups, p + 1)[0][-1])
+                    dparams[8 * (p + 1)].view_as(w1_next).addmm_(gz1s[p + 1][rows].t(), self.chain(groups, p + 1)[-1])
+            if p + 1 < num:
+                self.passed(p + 1)
             # Second norm and product. Row by row gz2 = c2 (P - s1 / m - xh2 s2 / m) with
             # xh2 = (a1 W2^T + b2 - mean2) rstd2: s2 = sum P xh2 and gz2^T a1 follow from P^T a1 and
             # the moments of a1, without a per-row z2.
@@ -343,11 +381,12 @@ class _LeanStage:
         w1 = self.block(0)[0]
         for groups in self.chunks:
             rows = self.rows(groups)
-            dparams[0].view_as(w1).addmm_(gz1s[0][rows].t(), self.grouped(groups))
+            dparams[0].view_as(w1).addmm_(gz1s[0][rows].t(), self.chain(groups, 0)[0])
             if need_feats:
                 grad = upper(groups, 0).addmm_(gz1s[0][rows], w1)
                 grad_feats.index_add_(0, self.nbr[groups].flatten(), grad[:, :self.half])
                 grad_feats.index_add_(0, self.centre[groups], grad[:, self.half:].unflatten(0, (-1, self.k)).sum(dim=1))
+        self.stop_caching()
         return grad_feats, dparams
 
 
@@ -389,14 +428,16 @@ class PointPNStage(nn.Module):
     ``recompute`` (the lean path) the grouping, blocks and max are one function that works on
     chunks of ``chunk_mb`` of rows and keeps only each block's ``(M, mid)`` first activation, one bit
     per value of the inner blocks' outputs and small statistics for backward (:class:`_LeanStage`);
-    otherwise plain autograd keeps every activation.
+    otherwise plain autograd keeps every activation. The lean path holds the stage's block inputs
+    during its forward and its backward pass as far as ``cache_mb`` allows.
     """
 
     def __init__(self, width: int, mid: int, num_blocks: int, k: int, norm: NormMode,
-                 alpha: float, beta: float, recompute: bool = True, chunk_mb: Optional[float] = None) -> None:
+                 alpha: float, beta: float, recompute: bool = True, chunk_mb: Optional[float] = None,
+                 cache_mb: float = 512.0) -> None:
         super().__init__()
         self.width, self.k, self.norm, self.alpha, self.beta = width, k, norm, alpha, beta
-        self.recompute, self.chunk_mb = recompute, chunk_mb
+        self.recompute, self.chunk_mb, self.cache_mb = recompute, chunk_mb, cache_mb
         self.blocks = nn.Sequential(*[ResidualBlock(width, mid) for _ in range(num_blocks)])
 
     def forward(self, xyz: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -501,6 +542,12 @@ class PointPNTokenizer(nn.Module):
             every activation (faster on small clouds, as in the demo).
         chunk_mb: the lean path's chunk, in MB of fp32 grouped rows; default 2 on the CPU and 256
             on other devices.
+        cache_mb: the lean path holds a stage's block inputs ``(B G k, C)`` (the grouped input
+            first) for the duration of its forward pass and of its backward pass, as many as fit in
+            this many MiB (0: none, every pass rebuilds them); nothing more is kept for backward.
+            The default 512 holds them all up to batch 8 in the paper's configuration (243 MiB
+            each) and none at batch 32 (972 MiB each: held, they raised the step's peak resident
+            memory from 6.1 to 8.1 GB).
     """
 
     injected_args = ("dim",)
@@ -508,7 +555,7 @@ class PointPNTokenizer(nn.Module):
     def __init__(self, dim: int, k: int = 81, widths: Optional[Sequence[int]] = None,
                  blocks: Sequence[int] = (2, 1, 1), mids: Optional[Sequence[int]] = None,
                  norm: NormMode = "scan", alpha: float = 1000.0, beta: float = 100.0,
-                 recompute: bool = True, chunk_mb: Optional[float] = None) -> None:
+                 recompute: bool = True, chunk_mb: Optional[float] = None, cache_mb: float = 512.0) -> None:
         super().__init__()
         widths = list(widths) if widths is not None else [dim // 4, dim // 2, dim]
         if widths[-1] != dim:
@@ -525,12 +572,14 @@ class PointPNTokenizer(nn.Module):
             raise ConfigError(f"tokenizer k must be positive, got {k}")
         if chunk_mb is not None and not chunk_mb > 0:
             raise ConfigError(f"tokenizer chunk_mb must be positive (MB of rows per chunk), got {chunk_mb}")
+        if not cache_mb >= 0:
+            raise ConfigError(f"tokenizer cache_mb must be >= 0 (MiB of block inputs held per stage), got {cache_mb}")
         if norm not in NormMode.__args__:
             raise ConfigError(f"tokenizer norm must be one of {NormMode.__args__}, got '{norm}'")
         self.dim, self.k = dim, k
         self.stem = nn.Sequential(nn.Conv1d(3, widths[0] // 2, 1, bias=False),
                                   nn.BatchNorm1d(widths[0] // 2), nn.ReLU(inplace=True))
-        self.stages = nn.ModuleList(PointPNStage(w, m, b, k, norm, alpha, beta, recompute, chunk_mb)
+        self.stages = nn.ModuleList(PointPNStage(w, m, b, k, norm, alpha, beta, recompute, chunk_mb, cache_mb)
                                     for w, m, b in zip(widths, mids, blocks))
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
