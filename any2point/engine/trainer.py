@@ -349,10 +349,11 @@ class Trainer:
         # No host-device synchronisation per step: the loss is summed and checked on the device, and the
         # bar (shown on a terminal only) reads it every POSTFIX_EVERY steps. The bar is closed (its line
         # cleared) before an error propagates, so the error is printed on a line of its own.
+        bf16 = uses_bf16(self.device, t)
         with tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                   disable=None if distributed.is_main() else True) as bar:
             for step, batch in enumerate(bar):
-                with autocast(self.device, uses_bf16(self.device, t)):
+                with autocast(self.device, bf16):
                     outputs = self.task.forward(self.net, batch, self.device)
                 loss = self.task.loss(outputs, batch)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -207,7 +207,7 @@ class _LeanStage:
         # pass while they fit in the stage's cache_mb (MiB); a cached input is written by the first pass
         # over the chunks that computes it (complete after that pass) and read by the later ones.
         self.cache_bytes = int(stage.cache_mb * 2 ** 20)
-        self.cache: list[Optional[Tensor]] = []
+        self.cache: list[Tensor] = []
         self.complete: list[bool] = []
 
     def block(self, j: int) -> tuple[Tensor, ...]:
@@ -314,7 +314,7 @@ class _LeanStage:
         top = grad_out * (values > 0)  # through the last ReLU, at the maxima
         dparams = [torch.zeros_like(p) for p in self.params]
         gz1s: list[Tensor] = [torch.empty(0)] * num
-        self.start_caching(num - 1 if num > 1 else 1)
+        self.start_caching(num - 1)  # x_0 .. x_num-2 are read again in backward, x_num-1 only once
 
         def upper(groups: slice, j: int) -> Tensor:
             """``P_j``, the gradient of block ``j``'s sum before its ReLU, on the chunk's rows: from
