@@ -17,6 +17,7 @@ import sys
 
 from any2point.errors import run_cli
 from any2point.registry import MAX_SEED
+from any2point.utils.cpu_memory import restart_without_thread_cache
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -112,4 +113,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_without_thread_cache()  # less heap fragmentation on the CPU (any2point/utils/cpu_memory.py)
     sys.exit(main())

@@ -76,7 +76,7 @@ from any2point import build_model, load_config  # noqa: E402
 from any2point.engine.optim import build_optimizer  # noqa: E402
 from any2point.utils.device_waits import DeviceWaits  # noqa: E402
 from any2point.engine.runtime import autocast  # noqa: E402
-from any2point.utils.cpu_memory import keep_freed_memory  # noqa: E402
+from any2point.utils.cpu_memory import keep_freed_memory, restart_without_thread_cache  # noqa: E402
 from any2point.models.any2point.tokenizer import PointPNStage  # noqa: E402
 from any2point.utils.activation_checkpoint import is_recomputing  # noqa: E402
 
@@ -542,4 +542,5 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    restart_without_thread_cache()  # as main.py does
     main()

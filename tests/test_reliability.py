@@ -24,6 +24,7 @@ from any2point.engine.evaluate import evaluate_checkpoint
 from any2point.engine.loading import check_source
 from any2point.engine.trainer import BEST, LAST, Trainer
 from any2point.errors import CheckpointError, ConfigError, ExperimentError
+from any2point.utils.cpu_memory import NO_THREAD_CACHE, is_glibc
 from tests.test_engine import ROOT, tiny_config
 
 MARKER_ENV = "ANY2POINT_TEST_MARKER"
@@ -398,3 +399,60 @@ def test_freed_memory_kept_by_the_heap_is_released_on_request():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert int(out.stdout.strip()) > 200 * 2 ** 20
+
+
+@pytest.mark.skipif(not is_glibc(), reason="glibc's malloc only")
+@pytest.mark.parametrize("preset, restarts, expected", [
+    (None, True, NO_THREAD_CACHE),
+    ("glibc.malloc.check=0", True, f"glibc.malloc.check=0:{NO_THREAD_CACHE}"),
+    ("glibc.malloc.tcache_count=7", False, "glibc.malloc.tcache_count=7"),
+])
+def test_restart_without_thread_cache_runs_the_program_again_once(preset, restarts, expected):
+    """The program starts again in the same process with the same arguments and the tcache setting
+    added to the environment, once; a tcache setting of the user's is left alone."""
+    code = textwrap.dedent("""
+        import os, sys
+        from any2point.utils.cpu_memory import restart_without_thread_cache
+        print("start", os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), flush=True)
+        restart_without_thread_cache()
+        print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if preset is not None:
+        env["GLIBC_TUNABLES"] = preset
+    out = subprocess.run([sys.executable, "-u", "-c", code, "a b", "--flag"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1], env=env).stdout.splitlines()
+    starts = [line for line in out if line.startswith("start")]
+    assert len(starts) == (2 if restarts else 1)
+    pid = starts[0].split()[1]
+    assert all(line.split()[1] == pid and "['a b', '--flag']" in line for line in starts)
+    assert out[-1] == f"after {pid} {expected}" and len(out) == len(starts) + 1
+
+
+@pytest.mark.skipif(not is_glibc(), reason="glibc's malloc only")
+def test_freed_activations_are_reused_without_the_thread_cache():
+    """A freed tensor's memory serves the next tensor of the same size when the heap keeps freed
+    memory and the tcache is off (main.py's setting); with glibc's default tcache each one takes
+    new memory (the fragmentation that raised batch 32's peak above 6 GB)."""
+    code = textwrap.dedent("""
+        import torch
+        from any2point.utils.cpu_memory import keep_freed_memory
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        assert keep_freed_memory()
+        kept, start = [], rss()
+        for _ in range(20):
+            transient = torch.ones(10 * 2 ** 20)  # 40 MiB, freed below
+            kept += [torch.ones(2 ** 20), torch.ones(8)]  # 4 MiB and a small one, kept
+            del transient
+        print((rss() - start) / 2 ** 20)
+    """)
+    growth = {}
+    for tunables in (NO_THREAD_CACHE, "glibc.malloc.tcache_count=7"):
+        env = {**os.environ, "GLIBC_TUNABLES": tunables}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1], env=env)
+        growth[tunables] = float(out.stdout.strip())
+    assert growth[NO_THREAD_CACHE] < 80 + 120, growth  # 80 MiB kept, one transient and some slack
+    assert growth["glibc.malloc.tcache_count=7"] > growth[NO_THREAD_CACHE] + 300, growth
