@@ -12,7 +12,7 @@ EXP="$OUT/demo_all"
 CKPT="$EXP/ckpt-best.pth"
 SHAPES="$EXP/shapes"
 
-train_run cfgs/demo.yaml demo_all "${SEEDS%% *}" "train.epochs=$DEMO_EPOCHS" "scheduler.warmup_epochs=1"
+train_run cfgs/demo.yaml demo_all "${SEEDS%% *}" "train.epochs=$DEMO_EPOCHS"
 # shellcheck disable=SC2046
 run $(launcher) main.py --test --ckpt "$CKPT"
 # shellcheck disable=SC2046
