@@ -111,8 +111,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval", action="store_true",
                         help="time --test-style forward passes (eval mode, no gradient) instead of training steps")
     parser.add_argument("--system-malloc", action="store_true",
-                        help="CPU: leave glibc's malloc as it is, as the trainer does with "
-                             "train.keep_freed_memory=false (by default it keeps freed memory for reuse)")
+                        help="CPU: let glibc's malloc return freed memory, as the trainer does with "
+                             "train.keep_freed_memory=false (by default it keeps freed memory for reuse; "
+                             "either way the script runs without glibc's tcache, as main.py does)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-stage step")
     parser.add_argument("--no-memory-process", action="store_true",
                         help="CPU: skip the fresh process that measures peak resident memory")
