@@ -450,7 +450,9 @@ def test_freed_activations_are_reused_without_the_thread_cache():
     """)
     growth = {}
     for tunables in (NO_THREAD_CACHE, "glibc.malloc.tcache_count=7"):
-        env = {**os.environ, "GLIBC_TUNABLES": tunables}
+        # A set environment: the holes need OpenMP's threads started (two, as the trainer's CPU runs).
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "OMP_NUM_THREADS": "2", "GLIBC_TUNABLES": tunables}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parents[1], env=env)
         growth[tunables] = float(out.stdout.strip())
