@@ -428,33 +428,3 @@ def test_restart_without_thread_cache_runs_the_program_again_once(preset, restar
     assert all(line.split()[1] == pid and "['a b', '--flag']" in line for line in starts)
     assert out[-1] == f"after {pid} {expected}" and len(out) == len(starts) + 1
 
-
-@pytest.mark.skipif(not is_glibc(), reason="glibc's malloc only")
-def test_freed_activations_are_reused_without_the_thread_cache():
-    """A freed tensor's memory serves the next tensor of the same size when the heap keeps freed
-    memory and the tcache is off (main.py's setting); with glibc's default tcache each one takes
-    new memory (the fragmentation that raised batch 32's peak above 6 GB)."""
-    code = textwrap.dedent("""
-        import torch
-        from any2point.utils.cpu_memory import keep_freed_memory
-        def rss():
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * 4096
-        assert keep_freed_memory()
-        kept, start = [], rss()
-        for _ in range(20):
-            transient = torch.ones(10 * 2 ** 20)  # 40 MiB, freed below
-            kept += [torch.ones(2 ** 20), torch.ones(8)]  # 4 MiB and a small one, kept
-            del transient
-        print((rss() - start) / 2 ** 20)
-    """)
-    growth = {}
-    for tunables in (NO_THREAD_CACHE, "glibc.malloc.tcache_count=7"):
-        # A set environment: the holes need OpenMP's threads started (two, as the trainer's CPU runs).
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-               "OMP_NUM_THREADS": "2", "GLIBC_TUNABLES": tunables}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1], env=env)
-        growth[tunables] = float(out.stdout.strip())
-    assert growth[NO_THREAD_CACHE] < 80 + 120, growth  # 80 MiB kept, one transient and some slack
-    assert growth["glibc.malloc.tcache_count=7"] > growth[NO_THREAD_CACHE] + 300, growth
