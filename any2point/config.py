@@ -124,8 +124,8 @@ class TrainConfig:
     num_workers: NonNegativeInt = 4
     protocol: str = "honest"
     amp: bool = True  # bf16 autocast on CUDA
-    # bf16 autocast on the CPU as well: about 1.3x faster steps on CPUs with AVX512-BF16 or AMX
-    # (2x the fp32 matmul rate), slower elsewhere; results differ from fp32 in the last digits.
+    # bf16 autocast on the CPU as well: about 1.2x faster demo steps on CPUs with AVX512-BF16 or AMX
+    # (2x the fp32 matmul rate), slower elsewhere; results differ from fp32 beyond rounding.
     cpu_amp: bool = False
     eval_every: PositiveInt = 1
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0

@@ -141,6 +141,7 @@ class Trainer:
         resume = resume or resume_from is not None
         self.ignore_source_mismatch = ignore_source_mismatch
         self.device = pick_device(t.device)
+        self.bf16 = uses_bf16(self.device, t)  # autocast of every forward pass (training, selection, test)
         distributed.init(self.device)
         if self.device.type == "cpu" and t.keep_freed_memory:
             keep_freed_memory()
@@ -349,11 +350,10 @@ class Trainer:
         # No host-device synchronisation per step: the loss is summed and checked on the device, and the
         # bar (shown on a terminal only) reads it every POSTFIX_EVERY steps. The bar is closed (its line
         # cleared) before an error propagates, so the error is printed on a line of its own.
-        bf16 = uses_bf16(self.device, t)
         with tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                   disable=None if distributed.is_main() else True) as bar:
             for step, batch in enumerate(bar):
-                with autocast(self.device, bf16):
+                with autocast(self.device, self.bf16):
                     outputs = self.task.forward(self.net, batch, self.device)
                 loss = self.task.loss(outputs, batch)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -407,8 +407,7 @@ class Trainer:
         if best.is_file():
             checkpoint.load_trainable_state_dict(self.model, checkpoint.load(best)["model"], str(best))
         memory = self.build_memory() if self.point_nn is not None else None
-        m = evaluate(self.net, self.test_loader, self.task, self.device,
-                     uses_bf16(self.device, self.cfg.train), "test")
+        m = evaluate(self.net, self.test_loader, self.task, self.device, self.bf16, "test")
         how = ("best epoch selected on the validation split held out of train" if self.protocol == "honest"
                else "best epoch selected on the test split itself (paper protocol; optimistic)")
         log_test(m, self.task.class_names, 1, f"epoch {self.best_epoch + 1}; protocol {self.protocol}: {how}")
@@ -479,8 +478,8 @@ class Validation(Hook):
         step, epochs = trainer.epoch + 1, trainer.cfg.train.epochs
         if step % trainer.cfg.train.eval_every and step != epochs:
             return
-        m = evaluate(trainer.net, trainer.select_loader, trainer.task, trainer.device,
-                     uses_bf16(trainer.device, trainer.cfg.train), trainer.select_split)
+        m = evaluate(trainer.net, trainer.select_loader, trainer.task, trainer.device, trainer.bf16,
+                     trainer.select_split)
         improved = trainer.task.score(m) > trainer.best_score
         if improved:
             trainer.best_score, trainer.best_epoch = trainer.task.score(m), trainer.epoch

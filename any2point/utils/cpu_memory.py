@@ -18,10 +18,10 @@ Within a step the holes come from how PyTorch allocates: every CPU tensor is a 6
 and after the aligned block. Those bits land in glibc's per-thread cache (tcache) and fast bins,
 which never merge with their neighbours, so a freed activation stays a hole of exactly its own size,
 and the next activation of that size, which again asks for a little more, cannot use it: at batch 32
-of the paper configuration the resident memory rose to 6.1-7.1 GB while the live data peaked at
+of the paper configuration the resident memory rose to 5.4-6.7 GB while the live data peaked at
 3.3 GB. With the fast bins off (:func:`keep_freed_memory`) and the tcache off
 (:func:`restart_without_thread_cache`, before the process starts allocating) the bits merge back and
-the holes are reused: 4.5 GB, at the same step time.
+the holes are reused: 4.5-5.1 GB for the three paper configurations, at the same step time.
 """
 from __future__ import annotations
 
