@@ -85,6 +85,24 @@ def test_local_attention_matches_per_view_reference():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_under_cpu_bf16_autocast_the_attention_and_the_ensemble_run_in_float32():
+    """The local attention takes its bf16 projections to float32 SDPA, and the cosine ensemble of
+    bf16 features computes (and returns) float32: exactly the ensemble of their float32 values."""
+    adapter = _adapter()
+    x = torch.randn(2, 12, 16)
+    cells = torch.randint(0, 4, (2, 3, 12))
+    context = adapter.context(cells, torch.rand(2, 12, 3))
+    attention = adapter.local_attention
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        heads = attention.attend(x, context.mask)
+        features = torch.randn(context.view_of_cell.numel(), 16).to(torch.bfloat16)
+        voxels = torch.randn(2, 12, 16).to(torch.bfloat16)
+        ensembled = ensemble_views(features, voxels, context)
+    assert heads.dtype == torch.float32 and ensembled.dtype == torch.float32
+    torch.testing.assert_close(heads, attention.attend(x, context.mask), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(ensembled, ensemble_views(features.float(), voxels.float(), context), atol=0, rtol=0)
+
+
 def test_cell_mask_confines_the_local_attention():
     adapter = _adapter()
     x = torch.randn(1, 12, 16)

@@ -258,12 +258,17 @@ def test_cpu_heap_setting_follows_the_config(tmp_path: Path, monkeypatch, keep: 
     assert calls == ({"keep": 1, "release": epochs} if keep else {"keep": 0, "release": 0})
 
 
-@pytest.mark.parametrize("cpu_amp", [False, True])
-def test_cpu_bf16_autocast_follows_the_config(tmp_path: Path, cpu_amp: bool) -> None:
+@pytest.mark.parametrize("cpu_amp,native", [(False, True), (True, False), ("auto", True), ("auto", False)])
+def test_cpu_bf16_autocast_follows_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_amp,
+                                              native: bool) -> None:
     """On the CPU ``train.amp`` (CUDA's switch) leaves training and evaluation in fp32;
-    ``train.cpu_amp`` runs both under bf16 autocast, whose matmuls give bf16 outputs."""
-    cfg = load_config(tiny_config(tmp_path, f"cpu_amp_{cpu_amp}", train={"amp": True, "cpu_amp": cpu_amp,
-                                                                         "device": "cpu", "epochs": 1}))
+    ``train.cpu_amp`` runs both under bf16 autocast, whose matmuls give bf16 outputs, and ``auto``
+    does so exactly where the CPU has native bf16 matmuls; the log says which and why."""
+    checks = {"_is_avx512_bf16_supported": native, "_is_amx_tile_supported": False}
+    for name, value in checks.items():
+        monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+    cfg = load_config(tiny_config(tmp_path, f"cpu_amp_{cpu_amp}_{native}", train={
+        "amp": True, "cpu_amp": cpu_amp, "device": "cpu", "epochs": 1}))
     trainer = Trainer(cfg)
     seen: list[tuple[bool, bool, torch.dtype]] = []
     first = next(m for m in trainer.model.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
@@ -271,8 +276,17 @@ def test_cpu_bf16_autocast_follows_the_config(tmp_path: Path, cpu_amp: bool) -> 
         (module.training, torch.is_autocast_enabled("cpu"), out.dtype)))
     trainer.fit()
     assert {training for training, _, _ in seen} == {True, False}  # training steps and evaluations
-    expected = (True, torch.bfloat16) if cpu_amp else (False, torch.float32)
+    bf16 = cpu_amp is True or (cpu_amp == "auto" and native)
+    expected = (True, torch.bfloat16) if bf16 else (False, torch.float32)
     assert {(enabled, dtype) for _, enabled, dtype in seen} == {expected}
+    note = next(line for line in (trainer.exp_dir / "log.txt").read_text().splitlines() if " device cpu, " in line)
+    assert f" device cpu, {'bf16 autocast' if bf16 else 'float32'} (train.cpu_amp={cpu_amp}" in note
+    assert ("native bf16" in note) == (cpu_amp == "auto")
+
+
+def test_cpu_amp_takes_only_a_bool_or_auto(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cpu_amp"):
+        load_config(tiny_config(tmp_path, "cpu_amp_bad", train={"cpu_amp": "sometimes"}))
 
 
 def test_device_waits_are_counted_and_the_training_loop_adds_none(tmp_path: Path) -> None:

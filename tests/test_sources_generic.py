@@ -13,6 +13,7 @@ import huggingface_hub
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -121,6 +122,24 @@ def test_hf_hook_replaces_the_ffn_residual_add(kind: str, tmp_path: Path) -> Non
             torch.testing.assert_close(seen["x"], plain - seen["f"], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(out, plain + seen["f"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(source.forward_block(1, x, lambda x_, f: x_ + f), source.forward_block(1, x))
+
+
+def test_hf_attention_runs_in_float32_under_cpu_bf16_autocast(tmp_path: Path) -> None:
+    """Under bf16 autocast on the CPU the layers' attention takes the bf16 projections and runs
+    SDPA in float32 (its output rounded back to bf16), not bf16 SDPA; the plain fp32 path is
+    transformers' own (the text-path test above)."""
+    saved_hf("bert", tmp_path)
+    attention = HFEncoderSource(pretrained=str(tmp_path)).eval().blocks[0].attention.self
+    x = torch.randn(4, 33, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = attention(x)[0]
+        q, k, v = (lin(x).view(4, 33, -1, attention.attention_head_size).transpose(1, 2)
+                   for lin in (attention.query, attention.key, attention.value))
+        narrow = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(4, 33, -1)
+    wide = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(4, 33, -1)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, wide.to(torch.bfloat16), atol=0, rtol=0)
+    assert not torch.equal(narrow, ours)  # bf16 SDPA rounds differently: the check above can fail
 
 
 def test_bert_class_token_and_input_processing(tmp_path: Path) -> None:

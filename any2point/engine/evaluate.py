@@ -33,7 +33,7 @@ from any2point.engine.loading import load_model
 from any2point.engine.log import setup_logging
 from any2point.engine.metrics import Metrics, SegmentationMetrics
 from any2point.engine.records import RESULTS, results_record, write_results
-from any2point.engine.runtime import autocast, pick_device, uses_bf16
+from any2point.engine.runtime import autocast, pick_device, precision_note, uses_bf16
 from any2point.engine.seeds import run_seeds
 from any2point.engine.tasks import Task, build_task
 from any2point.errors import ConfigError
@@ -152,7 +152,9 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, v
                           f"config's dataset has {task.class_names}")
     loader = eval_loader(test, max(1, (cfg.train.test_batch_size or cfg.train.batch_size) // world),
                          cfg.train.num_workers, device)
-    m = evaluate(model, loader, task, device, uses_bf16(device, cfg.train), "test")
+    bf16 = uses_bf16(device, cfg.train)
+    logger.info("device %s, %s", device, precision_note(device, cfg.train, bf16))
+    m = evaluate(model, loader, task, device, bf16, "test")
     epoch = ckpt.get("epoch", -1) + 1
     log_test(m, task.class_names, vote, f"checkpoint {ckpt_path}, epoch {epoch}, protocol {ckpt.get('protocol')}")
     transforms = (cfg.dataset.get("transforms") or {})

@@ -32,11 +32,28 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (x86 AVX512-BF16 or AMX), where bf16
+    autocast pays; elsewhere the bf16 matmuls are emulated and slower than fp32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def uses_bf16(device: torch.device, train) -> bool:
     """Whether a run on ``device`` computes under bf16 autocast: ``train.amp`` on CUDA,
-    ``train.cpu_amp`` on the CPU (off by default: bf16 matmuls are fast only on CPUs with
-    AVX512-BF16 or AMX instructions)."""
-    return bool(train.amp) if device.type == "cuda" else bool(train.get("cpu_amp", False))
+    ``train.cpu_amp`` on the CPU (``auto``: where :func:`cpu_has_bf16`; off by default)."""
+    if device.type == "cuda":
+        return bool(train.amp)
+    cpu_amp = train.get("cpu_amp", False)
+    return cpu_has_bf16() if cpu_amp == "auto" else bool(cpu_amp)
+
+
+def precision_note(device: torch.device, train, bf16: bool) -> str:
+    """How a run computes, for the log: ``bf16 autocast`` or ``float32``, and the key that decided."""
+    key = "train.amp" if device.type == "cuda" else "train.cpu_amp"
+    value = train.amp if device.type == "cuda" else train.get("cpu_amp", False)
+    why = f": {'this CPU has' if bf16 else 'this CPU lacks'} native bf16 matmuls" if value == "auto" else ""
+    return f"{'bf16 autocast' if bf16 else 'float32'} ({key}={value}{why})"
 
 
 def autocast(device: torch.device, bf16: bool):

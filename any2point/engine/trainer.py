@@ -44,7 +44,7 @@ from any2point.engine.evaluate import eval_loader, evaluate, log_test
 from any2point.engine.experiment import claim, experiment_folder, without_location
 from any2point.engine.loading import check_source
 from any2point.engine.records import RESULTS, results_record, write_results
-from any2point.engine.runtime import autocast, pick_device, uses_bf16
+from any2point.engine.runtime import autocast, pick_device, precision_note, uses_bf16
 from any2point.engine.log import ScalarWriter, setup_logging
 from any2point.engine.memory import fill_bank, memory_dataset, point_nn_of
 from any2point.engine.metrics import Metrics, SegmentationMetrics
@@ -224,6 +224,7 @@ class Trainer:
         logger.info("protocol '%s': training on '%s', selecting the best epoch on '%s'", self.protocol,
                     train_split, self.select_split)
         logger.info("seeds: %s", describe_seeds(self.seeds))
+        logger.info("device %s, %s", self.device, precision_note(self.device, t, self.bf16))
 
     def close(self) -> None:
         """Flush the TensorBoard log and give up the experiment folder."""

@@ -65,25 +65,26 @@ class GroupedBatchNorm(nn.Module):
         ``x`` being zero rows that count in the batch statistics (the released code's dense table of
         all cells, empty ones included; docs/method.md deviation 5); ``None``: only the given rows."""
         x32 = x.float()
-        if self.training:
-            # index_add_, not bincount or boolean masks: no value read back from a GPU.
-            present_rows = x32.new_zeros(self.num_groups, 1).index_add_(0, group, x32.new_ones(group.shape[0], 1))
-            counts = present_rows if rows_per_group is None else torch.full_like(present_rows, rows_per_group)
-            zeros = x32.new_zeros(self.num_groups, x32.shape[1])
-            mean = zeros.index_add(0, group, x32) / counts.clamp_min(1)
-            centred = x32 - mean.index_select(0, group)
-            var = zeros.index_add(0, group, centred.square())
-            if rows_per_group is not None:
-                var = var + (counts - present_rows) * mean.square()  # the absent zero rows
-            var = var / counts.clamp_min(1)
-            if not is_recomputing():
-                self._update_running_stats(mean, var, counts)
-        else:
-            centred = x32 - self.running_mean.index_select(0, group)
-            var = self.running_var
+        weight, bias = torch.stack(list(self.weight)), torch.stack(list(self.bias))
+        if not self.training:  # the running statistics folded into one scale and shift per group
+            scale = weight * torch.rsqrt(self.running_var + self.eps)
+            shift = bias - self.running_mean * scale
+            return torch.addcmul(shift.index_select(0, group), x32, scale.index_select(0, group)).to(x.dtype)
+        # index_add_, not bincount or boolean masks: no value read back from a GPU.
+        present_rows = x32.new_zeros(self.num_groups, 1).index_add_(0, group, x32.new_ones(group.shape[0], 1))
+        counts = present_rows if rows_per_group is None else torch.full_like(present_rows, rows_per_group)
+        zeros = x32.new_zeros(self.num_groups, x32.shape[1])
+        mean = zeros.index_add(0, group, x32) / counts.clamp_min(1)
+        centred = x32 - mean.index_select(0, group)
+        var = zeros.index_add(0, group, centred.square())
+        if rows_per_group is not None:
+            var = var + (counts - present_rows) * mean.square()  # the absent zero rows
+        var = var / counts.clamp_min(1)
+        if not is_recomputing():
+            self._update_running_stats(mean, var, counts)
         # Per group first, then one gather each (index_select: its backward is a plain index_add).
-        scale = torch.stack(list(self.weight)) * torch.rsqrt(var + self.eps)
-        out = centred * scale.index_select(0, group) + torch.stack(list(self.bias)).index_select(0, group)
+        scale = weight * torch.rsqrt(var + self.eps)
+        out = centred * scale.index_select(0, group) + bias.index_select(0, group)
         return out.to(x.dtype)
 
     @torch.no_grad()
@@ -138,8 +139,11 @@ class ViewLocalAttention(nn.Module):
         weight = qkv_w * norm_w[:, None, :]
         bias = torch.einsum("mdc,mc->md", qkv_w, norm_b) + qkv_b
         qkv = torch.einsum("bgc,mdc->bmgd", normed, weight) + bias[None, :, None]
-        q, k, v = qkv.reshape(b * m, g, 3, h, self.attn_dim // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_dim ** -0.5)
+        q, k, v = qkv.to(torch.promote_types(qkv.dtype, torch.float32)).reshape(b * m, g, 3, h, self.attn_dim // h).permute(2, 0, 3, 1, 4)
+        # In float32 (or wider) even under autocast: heads this narrow gain nothing from bf16, and on the CPU
+        # the bf16 attention's backward took three times as long.
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_dim ** -0.5)
         return out.transpose(1, 2).reshape(b, m, g, self.attn_dim)
 
     def project(self, out: Tensor) -> Tensor:

@@ -43,8 +43,6 @@ class GuidanceContext:
         cell_mean: ``(B * M, G, G)`` float, row i averages the tokens in token i's cell (the mask
             over its row's count): the per-cell mean as a batched matmul.
         first_token: ``(U,)`` the (sample, view, token) row of each cell's first token.
-        token_slot: ``(B, G, M)`` the first token's row within its sample (``view G + token``) of the
-            cell of each (sample, token, view).
         view_one_hot: ``(U, M)`` float, the one-hot view of each cell.
         voxel_ids: ``(B * G,)`` index of each (sample, token)'s non-empty voxel (``None`` without the
             cosine ensemble, which alone uses the 3D branch).
@@ -60,7 +58,6 @@ class GuidanceContext:
     token_cells: Tensor
     cell_mean: Tensor
     first_token: Tensor
-    token_slot: Tensor
     view_one_hot: Tensor
     voxel_ids: Optional[Tensor]
     num_voxels: int
@@ -72,20 +69,21 @@ def ensemble_views(cells: Tensor, voxels: Tensor, context: GuidanceContext, eps:
     normalised over the views (``F.cosine_similarity``'s clamped norms).
 
     ``cells (U, C)`` are the views' per-cell features, ``voxels (B, G, C)`` each token's 3D-branch
-    feature -> ``(B, G, C)``. Each cell sits at its first token's row of its sample's ``M G`` slots;
-    the dot products of all slots with all tokens and the weighted sum over the views are then two
-    batched matmuls per sample, and the views' norms are taken once per cell: nothing as large as the
-    tokens' M views ``(B, M, G, C)`` is built.
+    feature -> ``(B, G, C)``, at least float32. The products run in float32 (or wider) even under
+    autocast: in bf16 they were the adapter's slowest operations on the CPU. The views' norms are
+    taken once per cell.
     """
     b, m, g = context.shape
     c = cells.shape[-1]
-    views = cells.index_select(0, context.token_cells).view(b * g, m, c)
-    flat = voxels.reshape(b * g, 1, c)
-    norms = torch.linalg.vector_norm(cells, dim=-1).clamp_min(eps).index_select(0, context.token_cells)
-    norms = norms.view(b * g, m) * torch.linalg.vector_norm(flat, dim=-1).clamp_min(eps)
-    weights = ((views * flat).sum(dim=-1) / norms + 1) / 2
-    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (weights.unsqueeze(-1) * views).sum(dim=1).view(b, g, c)
+    with torch.autocast(cells.device.type, enabled=False):
+        dtype = torch.promote_types(cells.dtype, torch.float32)
+        cells, flat = cells.to(dtype), voxels.to(dtype).reshape(b * g, 1, c)
+        views = cells.index_select(0, context.token_cells).view(b * g, m, c)
+        norms = torch.linalg.vector_norm(cells, dim=-1).clamp_min(eps).index_select(0, context.token_cells)
+        norms = norms.view(b * g, m) * torch.linalg.vector_norm(flat, dim=-1).clamp_min(eps)
+        weights = ((views * flat).sum(dim=-1) / norms + 1) / 2
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (weights.unsqueeze(-1) * views).sum(dim=1).view(b, g, c)
 
 
 @TUNERS.register()
@@ -199,10 +197,8 @@ class GuidedAdapter(Tuner):
         cell_mean = same_cell / same_cell.sum(dim=-1, keepdim=True)
         rows = torch.arange(cell_ids.numel(), device=cells.device)
         first_token = rows.new_full((cell_row.numel(),), cell_ids.numel()).scatter_reduce(0, cell_ids, rows, "amin")
-        token_slot = (first_token.index_select(0, token_cells) % (m * g)).view(b, g, m)
         view_one_hot = F.one_hot(view_of_cell, m).float()
-        shared = ((b, m, g), mask, cell_ids, view_of_cell, token_cells, cell_mean, first_token, token_slot,
-                  view_one_hot)
+        shared = ((b, m, g), mask, cell_ids, view_of_cell, token_cells, cell_mean, first_token, view_one_hot)
         dense = b * num_cells if self.dense_cell_norm else None
         if not self.ensemble:
             return GuidanceContext(*shared, None, 0, dense)

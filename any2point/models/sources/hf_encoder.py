@@ -154,12 +154,42 @@ def hf_config(folder: Optional[Path], architecture: Optional[dict], what: str) -
     return config
 
 
+CPU_FLOAT32_SDPA = "any2point_sdpa"
+
+
+def _sdpa_in_float32_on_cpu(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Optional[Tensor], **kwargs) -> tuple[Tensor, Optional[Tensor]]:
+    """transformers' SDPA attention, run in float32 when the CPU computes under bf16 (or fp16)
+    autocast: there the narrow attention's backward took two to three times fp32's. The output keeps
+    the inputs' dtype; on other devices, or in float32, it is transformers' own SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if query.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(dtype), weights
+
+
 def build_hf_model(config: PretrainedConfig) -> PreTrainedModel:
     """The transformers base model of ``config`` at random init (transformers picks SDPA attention
-    where the model supports it, as it does when loading)."""
+    where the model supports it, as it does when loading). Where it picks SDPA and lets a function be
+    registered in its place (transformers >= 4.48), the model runs :func:`_sdpa_in_float32_on_cpu`."""
     from transformers import AutoModel
 
-    return AutoModel.from_config(config)
+    model = AutoModel.from_config(config)
+    try:
+        from transformers import AttentionInterface
+    except ImportError:
+        return model
+    if model.config._attn_implementation == "sdpa" and hasattr(model, "set_attn_implementation"):
+        AttentionInterface.register(CPU_FLOAT32_SDPA, _sdpa_in_float32_on_cpu)
+        model.set_attn_implementation(CPU_FLOAT32_SDPA)
+    return model
 
 
 @contextlib.contextmanager
