@@ -3,6 +3,8 @@ per-group / per-view references, cell masking, the whole guided branch against a
 over samples, views, cells and voxels, the position variants, and parameter counts."""
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from any2point.models.any2point.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
 from any2point.models.any2point.tuner import GuidedAdapter, ensemble_views
 from any2point.errors import ConfigError
+from any2point.utils.attention import attention
 
 
 def _batch_norm_like(norm: GroupedBatchNorm, group: int) -> nn.BatchNorm1d:
@@ -85,21 +88,37 @@ def test_local_attention_matches_per_view_reference():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_under_cpu_bf16_autocast_the_attention_and_the_ensemble_run_in_float32():
-    """The local attention takes its bf16 projections to float32 SDPA, and the cosine ensemble of
-    bf16 features computes (and returns) float32: exactly the ensemble of their float32 values."""
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_attention_of_narrow_cpu_inputs_runs_in_float32(mask: Optional[str]) -> None:
+    """``attention`` on bf16 CPU inputs: float32 SDPA of their values, rounded back to bf16 (not
+    bf16 SDPA, which rounds differently); float32 inputs: PyTorch's SDPA itself."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 3, 20, 4) for _ in range(3))
+    cells = torch.randint(0, 5, (6, 20))
+    same = (cells[:, :, None] == cells[:, None, :])[:, None]
+    attn_mask = {None: None, "bool": same, "float": torch.zeros(same.shape).masked_fill(~same, -1e4)}[mask]
+    narrow = [t.to(torch.bfloat16) for t in (q, k, v)]
+    narrow_mask = attn_mask.to(torch.bfloat16) if mask == "float" else attn_mask
+    ours = attention(*narrow, attn_mask=narrow_mask, scale=0.4)
+    wide = F.scaled_dot_product_attention(*(t.float() for t in narrow), attn_mask=attn_mask, scale=0.4)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, wide.to(torch.bfloat16), atol=0, rtol=0)
+    assert not torch.equal(ours, F.scaled_dot_product_attention(*narrow, attn_mask=narrow_mask, scale=0.4))
+    plain = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    assert torch.equal(attention(q, k, v, attn_mask=attn_mask), plain)
+
+
+def test_under_cpu_bf16_autocast_the_ensemble_runs_in_float32():
+    """The cosine ensemble of bf16 features computes (and returns) float32: exactly the ensemble of
+    their float32 values."""
     adapter = _adapter()
-    x = torch.randn(2, 12, 16)
     cells = torch.randint(0, 4, (2, 3, 12))
     context = adapter.context(cells, torch.rand(2, 12, 3))
-    attention = adapter.local_attention
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        heads = attention.attend(x, context.mask)
         features = torch.randn(context.view_of_cell.numel(), 16).to(torch.bfloat16)
         voxels = torch.randn(2, 12, 16).to(torch.bfloat16)
         ensembled = ensemble_views(features, voxels, context)
-    assert heads.dtype == torch.float32 and ensembled.dtype == torch.float32
-    torch.testing.assert_close(heads, attention.attend(x, context.mask), atol=0.05, rtol=0.05)
+    assert ensembled.dtype == torch.float32
     torch.testing.assert_close(ensembled, ensemble_views(features.float(), voxels.float(), context), atol=0, rtol=0)
 
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from any2point.utils.attention import attention
 from any2point.extensions import segment_reduce
 from any2point.errors import ConfigError
 from any2point.utils.activation_checkpoint import is_recomputing
@@ -139,11 +140,8 @@ class ViewLocalAttention(nn.Module):
         weight = qkv_w * norm_w[:, None, :]
         bias = torch.einsum("mdc,mc->md", qkv_w, norm_b) + qkv_b
         qkv = torch.einsum("bgc,mdc->bmgd", normed, weight) + bias[None, :, None]
-        q, k, v = qkv.to(torch.promote_types(qkv.dtype, torch.float32)).reshape(b * m, g, 3, h, self.attn_dim // h).permute(2, 0, 3, 1, 4)
-        # In float32 (or wider) even under autocast: heads this narrow gain nothing from bf16, and on the CPU
-        # the bf16 attention's backward took three times as long.
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_dim ** -0.5)
+        q, k, v = qkv.reshape(b * m, g, 3, h, self.attn_dim // h).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, attn_mask=mask, scale=self.attn_dim ** -0.5)
         return out.transpose(1, 2).reshape(b, m, g, self.attn_dim)
 
     def project(self, out: Tensor) -> Tensor:

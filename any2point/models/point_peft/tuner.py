@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from any2point.utils.attention import attention
 from any2point.extensions import furthest_point_sample, gather, knn
 from any2point.models.point_peft.memory_bank import check_bank_source, read_memory_bank
 from any2point.models.any2point.adapter import QuickGELU
@@ -149,7 +150,7 @@ class GroupAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, k, _ = x.shape
         q, key, v = self.qkv(self.norm(x)).reshape(n, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, key, v, scale=self.width ** -0.5)
+        out = attention(q, key, v, scale=self.width ** -0.5)
         return self.proj(out.transpose(1, 2).reshape(n, k, self.width))
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from any2point.utils.attention import attention
 from any2point.models.sources.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              read_state_dict, residual, single)
 from any2point.errors import ConfigError
@@ -110,7 +111,7 @@ class SelfAttention(nn.MultiheadAttention):
         b, t, c = query.shape
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, c // self.num_heads)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        out = attention(q, k, v).transpose(1, 2).reshape(b, t, c)
         return self.out_proj(out), None
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from any2point.utils.attention import NARROW
 from any2point.errors import CheckpointError, ConfigError, SourceUnavailableError
 from any2point.models.sources.base import AttentionWeight, ResidualHook, SourceTransformer, residual, single
 from any2point.registry import SOURCES
@@ -160,12 +161,12 @@ CPU_FLOAT32_SDPA = "any2point_sdpa"
 def _sdpa_in_float32_on_cpu(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                             attention_mask: Optional[Tensor], **kwargs) -> tuple[Tensor, Optional[Tensor]]:
     """transformers' SDPA attention, run in float32 when the CPU computes under bf16 (or fp16)
-    autocast: there the narrow attention's backward took two to three times fp32's. The output keeps
-    the inputs' dtype; on other devices, or in float32, it is transformers' own SDPA function."""
+    autocast, as :func:`any2point.utils.attention.attention` runs the package's own attentions. The
+    output keeps the inputs' dtype; on other devices, or in float32, it is transformers' own SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    if query.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+    if query.device.type != "cpu" or dtype not in NARROW:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()

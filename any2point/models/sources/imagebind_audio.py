@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from any2point.utils.attention import attention
 from any2point.models.sources.base import (AttentionWeight, ResidualHook, SourceTransformer, fused_qkv,
                                              read_state_dict, residual, single)
 from any2point.registry import SOURCES
@@ -101,7 +102,7 @@ class BiasKVAttention(nn.Module):
             k = torch.cat([k, self.bias_k.to(k.dtype).expand(batch, 1, dim)], dim=1)  # k may be autocast
             v = torch.cat([v, self.bias_v.to(v.dtype).expand(batch, 1, dim)], dim=1)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 

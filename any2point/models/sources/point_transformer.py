@@ -36,9 +36,9 @@ from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
+from any2point.utils.attention import attention
 from any2point.errors import CheckpointError, ConfigError
 from any2point.extensions import furthest_point_sample, group, knn
 from any2point.models.sources.base import (AttentionWeight, Embedded, ResidualHook, SourceTransformer, fused_qkv,
@@ -85,7 +85,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, t, c))
 
 

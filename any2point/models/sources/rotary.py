@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from any2point.utils.attention import attention
 from any2point.models.sources.base import Embedded, SourceTransformer
 
 Pairing = Literal["half", "interleaved"]
@@ -86,7 +86,7 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
 def line_order_mask(rank: Tensor) -> Tensor:
