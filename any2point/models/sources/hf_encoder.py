@@ -189,7 +189,10 @@ def build_hf_model(config: PretrainedConfig) -> PreTrainedModel:
         return model
     if model.config._attn_implementation == "sdpa" and hasattr(model, "set_attn_implementation"):
         AttentionInterface.register(CPU_FLOAT32_SDPA, _sdpa_in_float32_on_cpu)
-        model.set_attn_implementation(CPU_FLOAT32_SDPA)
+        try:
+            model.set_attn_implementation(CPU_FLOAT32_SDPA)
+        except ValueError:  # a model that takes no registered attention function keeps its SDPA
+            pass
     return model
 
 
