@@ -152,9 +152,8 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str | Path, vote: int = 1, v
                           f"config's dataset has {task.class_names}")
     loader = eval_loader(test, max(1, (cfg.train.test_batch_size or cfg.train.batch_size) // world),
                          cfg.train.num_workers, device)
-    bf16 = uses_bf16(device, cfg.train)
-    logger.info("device %s, %s", device, precision_note(device, cfg.train, bf16))
-    m = evaluate(model, loader, task, device, bf16, "test")
+    logger.info("device %s, %s", device, precision_note(device, cfg.train))
+    m = evaluate(model, loader, task, device, uses_bf16(device, cfg.train), "test")
     epoch = ckpt.get("epoch", -1) + 1
     log_test(m, task.class_names, vote, f"checkpoint {ckpt_path}, epoch {epoch}, protocol {ckpt.get('protocol')}")
     transforms = (cfg.dataset.get("transforms") or {})

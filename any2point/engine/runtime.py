@@ -35,8 +35,8 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (x86 AVX512-BF16 or AMX), where bf16
     autocast pays; elsewhere the bf16 matmuls are emulated and slower than fp32."""
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in names)
 
 
 def uses_bf16(device: torch.device, train) -> bool:
@@ -48,8 +48,10 @@ def uses_bf16(device: torch.device, train) -> bool:
     return cpu_has_bf16() if cpu_amp == "auto" else bool(cpu_amp)
 
 
-def precision_note(device: torch.device, train, bf16: bool) -> str:
-    """How a run computes, for the log: ``bf16 autocast`` or ``float32``, and the key that decided."""
+def precision_note(device: torch.device, train) -> str:
+    """How a run computes (:func:`uses_bf16`), for the log: ``bf16 autocast`` or ``float32``, and the
+    key that decided."""
+    bf16 = uses_bf16(device, train)
     key = "train.amp" if device.type == "cuda" else "train.cpu_amp"
     value = train.amp if device.type == "cuda" else train.get("cpu_amp", False)
     why = f": {'this CPU has' if bf16 else 'this CPU lacks'} native bf16 matmuls" if value == "auto" else ""

@@ -224,7 +224,7 @@ class Trainer:
         logger.info("protocol '%s': training on '%s', selecting the best epoch on '%s'", self.protocol,
                     train_split, self.select_split)
         logger.info("seeds: %s", describe_seeds(self.seeds))
-        logger.info("device %s, %s", self.device, precision_note(self.device, t, self.bf16))
+        logger.info("device %s, %s", self.device, precision_note(self.device, t))
 
     def close(self) -> None:
         """Flush the TensorBoard log and give up the experiment folder."""
