@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from any2point.models.any2point.adapter import GroupedBatchNorm, ViewLocalAttention, compact_segments
+from any2point.models.any2point.adapter import (CellPairs, GroupedBatchNorm, ViewLocalAttention, compact_segments,
+                                               pair_attention)
 from any2point.models.any2point.tuner import GuidedAdapter, ensemble_views
 from any2point.errors import ConfigError
 from any2point.utils.attention import attention
@@ -83,7 +84,7 @@ def test_local_attention_matches_per_view_reference():
     x = torch.randn(2, 12, 16)
     cells = torch.randint(0, 4, (2, 3, 12))
     context = adapter.context(cells, torch.rand(2, 12, 3))
-    out = adapter.local_attention(x, context.mask)
+    out = adapter.local_attention(x, context.pairs)
     torch.testing.assert_close(out, _reference_local_attention(adapter.local_attention, x, cells),
                                atol=1e-5, rtol=1e-5)
 
@@ -127,10 +128,10 @@ def test_cell_mask_confines_the_local_attention():
     x = torch.randn(1, 12, 16)
     cells = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]] * 3)[None]
     context = adapter.context(cells, torch.rand(1, 12, 3))
-    before = adapter.local_attention(x, context.mask)
+    before = adapter.local_attention(x, context.pairs)
     changed = x.clone()
     changed[0, 5] = torch.randn(16) * 3
-    after = adapter.local_attention(changed, context.mask)
+    after = adapter.local_attention(changed, context.pairs)
     other_cells = [i for i in range(12) if i // 3 != 1]
     torch.testing.assert_close(after[0, :, other_cells], before[0, :, other_cells], atol=1e-6, rtol=0)
     assert (after[0, :, 3] - before[0, :, 3]).abs().max() > 1e-3
@@ -164,6 +165,34 @@ def test_compact_segments_numbers_nonempty_segments_per_row():
     segment, row = compact_segments(ids)
     assert segment.tolist() == [1, 0, 1, 2, 2, 3]
     assert row.tolist() == [0, 0, 1, 1]
+
+
+def test_cell_pairs_are_every_ordered_pair_of_rows_in_a_segment():
+    torch.manual_seed(0)
+    segment, _ = compact_segments(torch.randint(0, 7, (5, 30)))
+    pairs = CellPairs.of(segment)
+    same = segment[:, None] == segment[None, :]
+    want = sorted(map(tuple, same.nonzero().tolist()))
+    assert sorted(zip(pairs.query.tolist(), pairs.key.tolist())) == want
+    assert torch.equal(pairs.query, pairs.query.sort().values)
+    assert torch.equal(pairs.segment, segment[pairs.query]) and torch.equal(pairs.segment, segment[pairs.key])
+    assert torch.equal(pairs.sizes, torch.bincount(segment)) and pairs.rows == segment.numel()
+
+
+def test_pair_attention_equals_masked_softmax_attention_and_runs_in_float32_under_cpu_autocast():
+    torch.manual_seed(0)
+    segment, _ = compact_segments(torch.randint(0, 4, (1, 20)))
+    pairs = CellPairs.of(segment)
+    q, k, v = (torch.randn(20, 3, 2) for _ in range(3))
+    rows = torch.zeros(20, 3, 2).index_add(0, pairs.query, pair_attention(q, k, v, pairs, 0.7))
+    same = (segment[:, None] == segment[None, :])[None]
+    dense = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=same, scale=0.7)
+    torch.testing.assert_close(rows, dense.transpose(0, 1), atol=1e-6, rtol=1e-6)
+    narrow = [t.to(torch.bfloat16) for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pair_attention(*narrow, pairs, 0.7)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, pair_attention(*(t.float() for t in narrow), pairs, 0.7), atol=0, rtol=0)
 
 
 def _reference_guide(adapter: GuidedAdapter, index: int, z: torch.Tensor, cells: torch.Tensor,

@@ -3,7 +3,7 @@ sec. 3, "Any-to-3D guided adapter"); its building blocks are in :mod:`any2point.
 
 Per batch, the projection says which cell every point token is in, in every view
 (:meth:`~any2point.models.any2point.projection.VirtualProjection.token_cells`); :meth:`GuidedAdapter.context`
-turns that into the attention masks and segment ids all blocks share (:class:`GuidanceContext`).
+turns that into the pairs of same-cell tokens and the segment ids all blocks share (:class:`GuidanceContext`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from any2point.extensions import voxel_ids
-from any2point.models.any2point.adapter import AdapterBlock, Pool, ViewLocalAttention, compact_segments, pool_segments
+from any2point.models.any2point.adapter import (AdapterBlock, CellPairs, Pool, ViewLocalAttention, compact_segments,
+                                               pool_segments)
 from any2point.models.sources.base import Embedded, ResidualHook
 from any2point.models.tuners.base import BlockHooks, Tuner
 from any2point.models.any2point.projection import CellKind, VirtualProjection
@@ -35,14 +36,12 @@ class GuidanceContext:
 
     Attributes:
         shape: ``(B, M, G)``.
-        mask: ``(B * M, 1, G, G)``, True where two tokens share a cell in a view.
+        pairs: every pair of tokens that share a cell in a view (rows of the flat ``(B, M, G)``
+            order; its segments are the cells of ``cell_ids``).
         cell_ids: ``(B * M * G,)`` index of each (sample, view, token)'s non-empty cell.
         view_of_cell: ``(U,)`` the view of each non-empty cell.
         token_cells: ``(B * G * M,)`` the same cells ordered by (sample, token, view): a gather with
             it gives each token its M views side by side.
-        cell_mean: ``(B * M, G, G)`` float, row i averages the tokens in token i's cell (the mask
-            over its row's count): the per-cell mean as a batched matmul.
-        first_token: ``(U,)`` the (sample, view, token) row of each cell's first token.
         view_one_hot: ``(U, M)`` float, the one-hot view of each cell.
         voxel_ids: ``(B * G,)`` index of each (sample, token)'s non-empty voxel (``None`` without the
             cosine ensemble, which alone uses the 3D branch).
@@ -52,12 +51,10 @@ class GuidanceContext:
     """
 
     shape: tuple[int, int, int]
-    mask: Tensor
+    pairs: CellPairs
     cell_ids: Tensor
     view_of_cell: Tensor
     token_cells: Tensor
-    cell_mean: Tensor
-    first_token: Tensor
     view_one_hot: Tensor
     voxel_ids: Optional[Tensor]
     num_voxels: int
@@ -189,16 +186,11 @@ class GuidedAdapter(Tuner):
         ``(B, M, G)``, the centres in the projection's frame ``(B, G, 3)`` (voxelised here for the 3D
         branch) and the number of cells of a sample's line or plane (for ``dense_cell_norm``)."""
         b, m, g = cells.shape
-        mask = (cells[..., :, None] == cells[..., None, :]).reshape(b * m, 1, g, g)
         cell_ids, cell_row = compact_segments(cells.reshape(b * m, g))
         view_of_cell = cell_row % m
         token_cells = cell_ids.view(b, m, g).transpose(1, 2).flatten()
-        same_cell = mask.squeeze(1).float()
-        cell_mean = same_cell / same_cell.sum(dim=-1, keepdim=True)
-        rows = torch.arange(cell_ids.numel(), device=cells.device)
-        first_token = rows.new_full((cell_row.numel(),), cell_ids.numel()).scatter_reduce(0, cell_ids, rows, "amin")
         view_one_hot = F.one_hot(view_of_cell, m).float()
-        shared = ((b, m, g), mask, cell_ids, view_of_cell, token_cells, cell_mean, first_token, view_one_hot)
+        shared = ((b, m, g), CellPairs.of(cell_ids), cell_ids, view_of_cell, token_cells, view_one_hot)
         dense = b * num_cells if self.dense_cell_norm else None
         if not self.ensemble:
             return GuidanceContext(*shared, None, 0, dense)
@@ -249,20 +241,23 @@ class GuidedAdapter(Tuner):
     def _pool_cells(self, context: GuidanceContext, points: Tensor) -> Tensor:
         """The local attention's output ``x + attention_v(LN_v(x))`` pooled per non-empty cell of each
         view: ``(B, G, C) -> (U, C)``. A mean is linear, so it averages the tokens and the heads'
-        outputs (``attn_dim`` wide) per cell by matmuls before the projection, and never builds the
+        outputs (``attn_dim`` wide) per cell before the projection, and never builds the
         ``(B, M, G, C)`` per-view tokens; max + mean pools those tokens per cell."""
         b, m, g = context.shape
         c = points.shape[-1]
+        pairs, num_cells = context.pairs, context.view_of_cell.numel()
         if self.pool == "maxmean":
-            local = self.local_attention(points, context.mask).reshape(b * m * g, c)
-            return pool_segments(local, context.cell_ids, context.view_of_cell.numel(), "maxmean")
-        heads = self.local_attention.attend(points, context.mask)
-        average = context.cell_mean.to(points.dtype)
-        mean_x = torch.bmm(average.view(b, m * g, g), points).view(b * m * g, c)
-        mean_heads = torch.bmm(average, heads.reshape(b * m, g, -1)).view(b * m * g, -1)
-        mean_heads = mean_heads.index_select(0, context.first_token)
-        return (mean_x.index_select(0, context.first_token)
-                + self.local_attention.project_cells(mean_heads, context.view_one_hot.to(points.dtype)))
+            local = self.local_attention(points, pairs).reshape(b * m * g, c)
+            return pool_segments(local, context.cell_ids, num_cells, "maxmean")
+        per_pair = self.local_attention.attend(points, pairs)
+        sizes = pairs.sizes.to(per_pair.dtype)[:, None]
+        # Per cell, its pairs' weighted values sum to the sum of its tokens' heads.
+        mean_heads = per_pair.new_zeros(num_cells, per_pair.shape[1]).index_add_(0, pairs.segment, per_pair) / sizes
+        tokens = points.reshape(b * g, c).to(per_pair.dtype)
+        sum_x = tokens.new_zeros(num_cells, c)
+        for view_cells in context.cell_ids.view(b, m, g).unbind(1):  # M adds, no (B, M, G, C) copy
+            sum_x = sum_x.index_add(0, view_cells.flatten(), tokens)
+        return sum_x / sizes + self.local_attention.project_cells(mean_heads, context.view_one_hot.to(points.dtype))
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, coef={self.coef}, pool={self.pool}, guidance={self.guidance}, "
