@@ -24,7 +24,7 @@ in the paper's configurations cells hold 2 to 5 of the 128 tokens on average, so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -202,13 +202,10 @@ class ViewLocalAttention(nn.Module):
         proj_b = torch.stack([p.bias for p in self.proj])
         return torch.einsum("bmgd,mcd->bmgc", out, proj_w) + proj_b[None, :, None]
 
-    def project_cells(self, out: Tensor, view_one_hot: Tensor) -> Tensor:
-        """The output projection of rows ``(U, attn_dim)`` that each belong to the view marked in
-        ``view_one_hot (U, M)``: one matmul with the views' stacked weights ``(M attn_dim, C)``."""
-        proj_w = torch.stack([p.weight for p in self.proj])  # (M, C, attn_dim)
-        proj_b = torch.stack([p.bias for p in self.proj])
-        rows = (view_one_hot[:, :, None] * out[:, None, :]).flatten(1)
-        return rows @ proj_w.transpose(1, 2).flatten(0, 1) + view_one_hot @ proj_b
+    def project_cells(self, out: Tensor, view_sizes: Sequence[int]) -> Tensor:
+        """The output projection of rows ``(U, attn_dim)`` that come view by view, ``view_sizes[v]``
+        rows of view ``v``: one matmul per view."""
+        return torch.cat([F.linear(rows, proj.weight, proj.bias) for rows, proj in zip(out.split(list(view_sizes)), self.proj)])
 
 
 class AdapterBlock(nn.Module):

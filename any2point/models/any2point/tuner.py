@@ -38,11 +38,12 @@ class GuidanceContext:
         shape: ``(B, M, G)``.
         pairs: every pair of tokens that share a cell in a view (rows of the flat ``(B, M, G)``
             order; its segments are the cells of ``cell_ids``).
-        cell_ids: ``(B * M * G,)`` index of each (sample, view, token)'s non-empty cell.
+        cell_ids: ``(B * M * G,)`` index of each (sample, view, token)'s non-empty cell; the cells
+            are numbered view by view (all cells of view 0 first, then view 1, ...).
         view_of_cell: ``(U,)`` the view of each non-empty cell.
+        view_sizes: the number of non-empty cells of each view, ``(M,)`` ints summing to U.
         token_cells: ``(B * G * M,)`` the same cells ordered by (sample, token, view): a gather with
             it gives each token its M views side by side.
-        view_one_hot: ``(U, M)`` float, the one-hot view of each cell.
         voxel_ids: ``(B * G,)`` index of each (sample, token)'s non-empty voxel (``None`` without the
             cosine ensemble, which alone uses the 3D branch).
         num_voxels: number of non-empty voxels in the batch.
@@ -54,8 +55,8 @@ class GuidanceContext:
     pairs: CellPairs
     cell_ids: Tensor
     view_of_cell: Tensor
+    view_sizes: list[int]
     token_cells: Tensor
-    view_one_hot: Tensor
     voxel_ids: Optional[Tensor]
     num_voxels: int
     cells_per_view: Optional[int] = None
@@ -186,11 +187,13 @@ class GuidedAdapter(Tuner):
         ``(B, M, G)``, the centres in the projection's frame ``(B, G, 3)`` (voxelised here for the 3D
         branch) and the number of cells of a sample's line or plane (for ``dense_cell_norm``)."""
         b, m, g = cells.shape
-        cell_ids, cell_row = compact_segments(cells.reshape(b * m, g))
-        view_of_cell = cell_row % m
+        # Rows ordered (view, sample) so that each view's cells are numbered together.
+        by_view, cell_row = compact_segments(cells.transpose(0, 1).reshape(m * b, g))
+        view_of_cell = cell_row // b
+        view_sizes = torch.bincount(view_of_cell, minlength=m).tolist()
+        cell_ids = by_view.view(m, b, g).transpose(0, 1).flatten()
         token_cells = cell_ids.view(b, m, g).transpose(1, 2).flatten()
-        view_one_hot = F.one_hot(view_of_cell, m).float()
-        shared = ((b, m, g), CellPairs.of(cell_ids), cell_ids, view_of_cell, token_cells, view_one_hot)
+        shared = ((b, m, g), CellPairs.of(cell_ids), cell_ids, view_of_cell, view_sizes, token_cells)
         dense = b * num_cells if self.dense_cell_norm else None
         if not self.ensemble:
             return GuidanceContext(*shared, None, 0, dense)
@@ -257,7 +260,7 @@ class GuidedAdapter(Tuner):
         sum_x = tokens.new_zeros(num_cells, c)
         for view_cells in context.cell_ids.view(b, m, g).unbind(1):  # M adds, no (B, M, G, C) copy
             sum_x = sum_x.index_add(0, view_cells.flatten(), tokens)
-        return sum_x / sizes + self.local_attention.project_cells(mean_heads, context.view_one_hot.to(points.dtype))
+        return sum_x / sizes + self.local_attention.project_cells(mean_heads, context.view_sizes)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, coef={self.coef}, pool={self.pool}, guidance={self.guidance}, "
