@@ -1,4 +1,5 @@
-"""Scaled dot-product attention as every attention of the package runs it."""
+"""Scaled dot-product attention as the package's transformer attentions run it (the guided adapter's
+attention within cells has its own, :func:`any2point.models.any2point.adapter.pair_attention`)."""
 from __future__ import annotations
 
 import torch

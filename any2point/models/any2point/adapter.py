@@ -156,8 +156,8 @@ class ViewLocalAttention(nn.Module):
     ``attn_dim -> C``), each restricted to tokens of the same cell, batched over the views.
 
     ``x (B, G, C)`` and the pairs of tokens that share a cell in a view (:class:`CellPairs` over the
-    flat ``(B, M, G)`` rows) -> ``x + attention_v(LN_v(x))`` for every view: ``(B, M, G, C)``. The attention scale is
-    ``attn_dim ** -0.5``, as in the official code. Each view keeps its own ``nn.LayerNorm`` and
+    flat ``(B, M, G)`` rows) -> ``x + attention_v(LN_v(x))`` for every view: ``(B, M, G, C)``. The
+    attention scale is ``attn_dim ** -0.5``, as in the official code. Each view keeps its own ``nn.LayerNorm`` and
     ``nn.Linear`` modules (``norms.v``, ``qkv.v``, ``proj.v``); their weights are stacked per call.
     """
 
@@ -205,7 +205,8 @@ class ViewLocalAttention(nn.Module):
     def project_cells(self, out: Tensor, view_sizes: Sequence[int]) -> Tensor:
         """The output projection of rows ``(U, attn_dim)`` that come view by view, ``view_sizes[v]``
         rows of view ``v``: one matmul per view."""
-        return torch.cat([F.linear(rows, proj.weight, proj.bias) for rows, proj in zip(out.split(list(view_sizes)), self.proj)])
+        per_view = zip(out.split(list(view_sizes)), self.proj)
+        return torch.cat([F.linear(rows, proj.weight, proj.bias) for rows, proj in per_view])
 
 
 class AdapterBlock(nn.Module):
