@@ -259,7 +259,7 @@ class GuidedAdapter(Tuner):
         tokens = points.reshape(b * g, c).to(per_pair.dtype)
         sum_x = tokens.new_zeros(num_cells, c)
         for view_cells in context.cell_ids.view(b, m, g).unbind(1):  # M adds, no (B, M, G, C) copy
-            sum_x = sum_x.index_add(0, view_cells.flatten(), tokens)
+            sum_x.index_add_(0, view_cells.flatten(), tokens)
         return sum_x / sizes + self.local_attention.project_cells(mean_heads, context.view_sizes)
 
     def extra_repr(self) -> str:
